@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
@@ -69,13 +67,60 @@ def add_promote_options(parser: argparse.ArgumentParser) -> None:
                         "$AIRGPU_OUTPUT_DIR or $AIRFLOW_HOME/airgpu-outputs); relative to the "
                         "DAG file")
     parser.add_argument("--image", help="container image (docker, kubernetes targets)")
+    _add_container_options(parser)
     parser.add_argument("--start-date", help="first data interval, YYYY-MM-DD")
     parser.add_argument("--retries", type=int, help="task retries (default: 1)")
+    parser.add_argument("--retry-delay", type=int, metavar="SECONDS", dest="retry_delay_s",
+                        help="wait between retries (default: 300)")
+    parser.add_argument("--timeout", type=int, metavar="SECONDS", dest="execution_timeout_s",
+                        help="task execution timeout (default: 21600)")
     parser.add_argument("--tag", action="append", dest="tags", help="DAG tag; repeatable")
     parser.add_argument("--no-telemetry", dest="telemetry", action="store_false", default=None,
                         help="do not sample GPU utilisation during runs")
     parser.add_argument("--force", action="store_true",
                         help="overwrite a DAG file that was edited by hand")
+
+
+def _add_container_options(parser: argparse.ArgumentParser) -> None:
+    """Target-specific settings; they land in ``PromotionSpec.options`` and the target checks
+    them (a wrong combination is one clear error)."""
+    group = parser.add_argument_group("docker and kubernetes targets")
+    group.add_argument("--cpu", help="CPU cores, e.g. 4 or 500m (kubernetes: requests = limits, "
+                       "default 2; docker: relative CPU weight)")
+    group.add_argument("--memory", help="memory, e.g. 16g or 16Gi (kubernetes default 8Gi; "
+                       "must exceed --shm-size)")
+    group.add_argument("--shm-size", help="size of /dev/shm, e.g. 2g (default 2g)")
+    group.add_argument("--user", metavar="UID[:GID]", help="non-root user the notebook runs as "
+                       "(default 1000:1000, the runtime image's user)")
+    group.add_argument("--notebooks-volume", metavar="SOURCE", help="where the container "
+                       "finds the prepared notebook: docker: host path or volume (default: the "
+                       "DAG folder); kubernetes: PVC name (default: baked into the image at "
+                       "/opt/airgpu/dags)")
+    group.add_argument("--outputs-volume", metavar="SOURCE", help="where executed notebooks "
+                       "go: docker: host path or volume (default volume airgpu-outputs); "
+                       "kubernetes: PVC name (default airgpu-outputs)")
+    group.add_argument("--outputs-url", metavar="URL", help="write executed notebooks to an "
+                       "object store instead (s3://, gs://, abs://, adl://, hdfs://)")
+    group.add_argument("--device-id", action="append", dest="device_ids", metavar="ID",
+                       help="docker: a GPU index or UUID to reserve; repeatable (with --gpus "
+                       "equal to their number)")
+    group.add_argument("--namespace", help="kubernetes namespace of the pod")
+    group.add_argument("--service-account", help="kubernetes service account of the pod")
+    group.add_argument("--node-selector", action="append", dest="node_selector",
+                       metavar="KEY=VALUE", help="kubernetes: extra node label to match, "
+                       "beside nvidia.com/gpu.present=true; repeatable")
+    group.add_argument("--toleration", action="append", dest="tolerations",
+                       metavar="KEY[=VALUE]:EFFECT", help="kubernetes: tolerate a GPU node "
+                       "pool's taint, beside nvidia.com/gpu; repeatable")
+    group.add_argument("--gpu-product", metavar="LABEL", help="kubernetes: node label "
+                       "nvidia.com/gpu.product to match, e.g. NVIDIA-A100-SXM4-80GB")
+    group.add_argument("--gpu-sharing", choices=["shared"], help="kubernetes: request "
+                       "time-sliced nvidia.com/gpu.shared instead of whole GPUs")
+
+
+_CONTAINER_OPTIONS = ("cpu", "memory", "shm_size", "user", "notebooks_volume", "outputs_volume",
+                      "outputs_url", "device_ids", "namespace", "service_account",
+                      "node_selector", "tolerations", "gpu_product", "gpu_sharing")
 
 
 def _gpus(text: str) -> int | str:
@@ -92,7 +137,11 @@ def promote_options(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": args.gpus, "mig": args.mig, "allow_cpu": args.allow_cpu,
         "parameters": dict(args.parameters) if args.parameters else None,
         "output_dir": args.output_dir, "image": args.image, "start_date": args.start_date,
-        "retries": args.retries, "tags": args.tags, "telemetry": args.telemetry,
+        "retries": args.retries, "retry_delay_s": args.retry_delay_s,
+        "execution_timeout_s": args.execution_timeout_s, "tags": args.tags,
+        "telemetry": args.telemetry,
+        "options": {name: getattr(args, name) for name in _CONTAINER_OPTIONS
+                    if getattr(args, name, None) is not None} or None,
     }
 
 
@@ -135,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-tensorflow", dest="tensorflow", action="store_false",
                    help="skip importing TensorFlow (faster)")
     s.set_defaults(func=cmd_status)
+
+    rp = sub.add_parser("report", help="GPU utilisation per cell of an executed notebook",
+                        description="A table per cell (duration, mean GPU utilisation, peak "
+                        "GPU memory, CPU) and the run's summary, from the telemetry the run "
+                        "recorded into the executed notebook.")
+    rp.add_argument("notebook", help="an executed notebook (from `airgpu run` or a DAG run)")
+    rp.add_argument("--png", metavar="FILE", help="also draw utilisation and memory over time "
+                    "with cell boundaries into FILE")
+    rp.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 
@@ -152,22 +211,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .airflow_task import default_output_dir
-    from .notebook import notebook_bytes
-    from .promote import promote
-    from .run import execute, executed_path, local_run_id, resolve_output_dir
+    from .api import run_notebook
 
-    result = promote(args.notebook, allow_cpu=args.allow_cpu)
-    spec = result.spec
-    output = Path(args.output) if args.output else executed_path(
-        resolve_output_dir(spec.output_dir, Path.cwd(), default_output_dir()), spec.dag_id,
-        local_run_id(), spec.notebook_name)
-    parameters = {**spec.params, **dict(args.parameters or [])}
-    with tempfile.TemporaryDirectory(prefix="airgpu-run-") as tmp:
-        prepared = Path(tmp) / result.notebook_file.name
-        prepared.write_bytes(notebook_bytes(result.notebook))
-        execute(prepared, output, parameters, kernel=spec.kernel, progress_bar=args.progress,
-                telemetry=spec.telemetry)
+    output = run_notebook(args.notebook, dict(args.parameters or []), output=args.output,
+                          allow_cpu=args.allow_cpu, progress_bar=args.progress)
     print(output)
     return 0
 
@@ -186,6 +233,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     info = status(include_tensorflow=args.tensorflow)
     print(json.dumps(info, indent=2, sort_keys=True) if args.json else render_status(info))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_text, report
+
+    result = report(args.notebook, png=args.png)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(render_text(result))
+        if args.png:
+            print(f"wrote {result['png']}")
     return 0
 
 

@@ -171,7 +171,7 @@ def gpu_report(gpus_requested=1, allow_cpu=False, memory_growth=True, run_ops=Tr
     elif allow_cpu and ops_ok:
         report["ok"] = True
         report["cause"] = likely_cause(report)
-        report["message"] = (f"no GPU — running on CPU because allow_cpu is set "
+        report["message"] = (f"no GPU — running on CPU because --allow-cpu is set "
                              f"({len(visible)} of {needed} requested GPU(s) visible)")
     else:
         failed = [op for op in report["ops"] if not op["ok"]]
