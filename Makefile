@@ -53,7 +53,7 @@ lint: venv
 	$(BIN)/ruff check airgpu_nb tests bench scripts
 
 dags: venv
-	$(BIN)/airgpu promote notebooks/train_classifier.ipynb --dags-dir dags --force
+	$(BIN)/airgpu promote notebooks/train_classifier.ipynb --dags-dir dags --allow-cpu --force
 
 clean:
 	rm -rf .airflow outputs test-artifacts .pytest_cache

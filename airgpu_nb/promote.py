@@ -171,7 +171,7 @@ class PromotionResult:
         }
 
     def write(self, force: bool = False) -> PromotionResult:
-        """Write the prepared notebook, then the DAG, each atomically, under a per-DAG lock.
+        """Write the prepared notebook, then the DAG, each atomically, under a lock on the dags dir.
 
         The notebook goes first so the scheduler never sees a DAG whose notebook is missing. A
         DAG file that was edited by hand since it was generated is kept unless ``force``.
@@ -180,7 +180,7 @@ class PromotionResult:
         if self.notebook_file.resolve() == self.source_path.resolve():
             raise WriteError(f"the prepared copy would overwrite the source notebook "
                              f"{self.source_path}; choose another --dag-id or --dags-dir")
-        with _lock(self.dags_dir / f".{self.spec.dag_id}.airgpu.lock"):
+        with _lock(self.dags_dir):
             if self.dag_file.exists() and not force:
                 state = checksum_status(self.dag_file.read_text(encoding="utf-8"))
                 if state is False:
@@ -209,17 +209,18 @@ def _ensure_writable_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def _lock(folder: Path) -> Iterator[None]:
+    """Serialise promotions into one dags dir (flock on the directory: no lock file is left
+    behind for the DAG processor to see)."""
     try:
-        handle = open(path, "a")  # noqa: SIM115 - held for the duration of the block
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        raise WriteError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        raise WriteError(f"cannot open dags dir {folder}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def default_dags_dir() -> Path:

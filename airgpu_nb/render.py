@@ -36,6 +36,11 @@ def literal(value: Any) -> str:
     return text
 
 
+def comment(value: Any) -> str:
+    """Text safe inside a ``#`` comment: every kind of line break becomes a space."""
+    return " ".join(str(value).splitlines())
+
+
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
@@ -47,6 +52,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,  # Python source, not HTML: safety comes from `literal`
     )
     env.filters["lit"] = literal
+    env.filters["comment"] = comment
     return env
 
 
@@ -59,7 +65,7 @@ def regenerate_command(spec: PromotionSpec) -> str:
     parts += ["--gpus", str(spec.gpu.count)] if spec.gpu.mig is None else ["--mig", spec.gpu.mig]
     if spec.allow_cpu:
         parts.append("--allow-cpu")
-    return " ".join(shlex.quote(p) for p in parts).replace("\n", " ")
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def common_context(spec: PromotionSpec) -> dict[str, Any]:
