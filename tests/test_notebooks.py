@@ -1,0 +1,31 @@
+"""The example notebooks run top to bottom under nbval (lax: outputs that vary are not compared).
+
+They run from a copy in a temporary folder so the files they write stay out of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_under_nbval(notebook, tmp_path):
+    copy = tmp_path / notebook.name
+    shutil.copy(notebook, copy)
+    env = {**os.environ, "AIRGPU_DAGS_DIR": str(tmp_path / "dags"),
+           "AIRGPU_OUTPUT_DIR": str(tmp_path / "outputs")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
+         "--rootdir", str(tmp_path), "-c", os.devnull, str(copy)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
