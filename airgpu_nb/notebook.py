@@ -36,7 +36,7 @@ def read_notebook(path: str | os.PathLike[str]) -> NotebookNode:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise NotebookError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or "cells" not in data and "worksheets" not in data:
+    if not isinstance(data, dict) or ("cells" not in data and "worksheets" not in data):
         raise NotebookError(f"{path} is JSON but not a Jupyter notebook")
     major = data.get("nbformat")
     if major != 4:

@@ -227,8 +227,8 @@ def default_dags_dir() -> Path:
     return Path(os.environ.get("AIRGPU_DAGS_DIR") or "dags")
 
 
-def promote(notebook_path: str | os.PathLike[str], *, dags_dir: str | os.PathLike[str] | None = None,
-            **options: Any) -> PromotionResult:
+def promote(notebook_path: str | os.PathLike[str], *,
+            dags_dir: str | os.PathLike[str] | None = None, **options: Any) -> PromotionResult:
     """Promote a notebook in memory. ``options`` are explicit settings (see ``SETTING_NAMES``);
     ``None`` values mean "not given". Call ``.write()`` on the result to put it on disk."""
     path = Path(notebook_path)

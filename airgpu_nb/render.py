@@ -25,7 +25,7 @@ _CHECKSUM_LINE = re.compile(r"^# airgpu-checksum: sha256=([0-9a-f]{64})\n", re.M
 
 
 def literal(value: Any) -> str:
-    """``repr`` that is guaranteed to parse back to ``value`` (str, number, bool, None, containers)."""
+    """``repr`` guaranteed to parse back to ``value`` (str, number, bool, None, containers)."""
     text = repr(value)
     try:
         same = ast.literal_eval(text) == value
@@ -65,7 +65,23 @@ def regenerate_command(spec: PromotionSpec) -> str:
     parts += ["--gpus", str(spec.gpu.count)] if spec.gpu.mig is None else ["--mig", spec.gpu.mig]
     if spec.allow_cpu:
         parts.append("--allow-cpu")
+    if spec.image:
+        parts += ["--image", spec.image]
+    parts += _option_flags(spec)
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _option_flags(spec: PromotionSpec) -> list[str]:
+    """Target options as the promote flags that set them (repeatable ones repeated)."""
+    from .targets._container import flag
+
+    parts: list[str] = []
+    for name, value in spec.options:
+        items = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
+                 else list(value) if isinstance(value, (list, tuple)) else [value])
+        for item in items:
+            parts += [flag(name), str(item)]
+    return parts
 
 
 def common_context(spec: PromotionSpec) -> dict[str, Any]:
@@ -75,7 +91,7 @@ def common_context(spec: PromotionSpec) -> dict[str, Any]:
         f"Runs the notebook `{spec.notebook_name}` with papermill on target `{spec.target}`, "
         "after an injected GPU check.",
         "",
-        f"- GPUs requested: {spec.gpu.mig and f'MIG slice {spec.gpu.mig}' or spec.gpu.count}",
+        f"- GPUs requested: {(spec.gpu.mig and f'MIG slice {spec.gpu.mig}') or spec.gpu.count}",
         f"- allow CPU fallback: {spec.allow_cpu}",
         f"- schedule: {spec.schedule or 'none (trigger by hand)'}",
         f"- parameters: {', '.join(f'{k}={v!r}' for k, v in spec.parameters) or 'none'}",

@@ -13,11 +13,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .errors import SpecError
 
-ParamValue = Union[str, int, float, bool, None]
+ParamValue = str | int | float | bool | None
 
 DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 SCHEDULE_PRESETS = frozenset(
@@ -109,10 +109,11 @@ class PromotionSpec:
         timeout = self.execution_timeout_s
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
                                     or timeout <= 0):
-            raise SpecError(f"execution timeout must be a positive number of seconds, not {timeout!r}")
+            raise SpecError(
+                f"execution timeout must be a positive number of seconds, not {timeout!r}")
         for tag in self.tags:
             if not isinstance(tag, str) or not tag or len(tag) > 100:
-                raise SpecError(f"tags must be non-empty strings of at most 100 characters: {tag!r}")
+                raise SpecError(f"tags must be non-empty strings of <= 100 characters: {tag!r}")
         if not self.kernel or not isinstance(self.kernel, str):
             raise SpecError("kernel name must be a non-empty string")
 

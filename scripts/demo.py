@@ -43,7 +43,8 @@ def main() -> int:
     from airgpu_nb.findings import read_findings
 
     HOME.mkdir(exist_ok=True)
-    env = {**os.environ, "AIRFLOW_HOME": str(HOME), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    env = {**os.environ, "AIRFLOW_HOME": str(HOME),
+           "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("AIRGPU_OUTPUT_DIR", None)
 

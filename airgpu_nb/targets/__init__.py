@@ -29,6 +29,9 @@ class Target(Protocol):
 
 _BUILTIN: dict[str, str] = {
     "local": "airgpu_nb.targets.local:TARGET",
+    "compose": "airgpu_nb.targets.compose:TARGET",
+    "docker": "airgpu_nb.targets.docker:TARGET",
+    "kubernetes": "airgpu_nb.targets.kubernetes:TARGET",
 }
 _REGISTRY: dict[str, Target] = {}
 
