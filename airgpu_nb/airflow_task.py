@@ -29,6 +29,10 @@ def run_notebook_task(dag_file: str, config: dict[str, Any], context: dict[str, 
                            getattr(ti, "try_number", 1) or 1)
     parameters = dict(context.get("params") or {})
     log.info("airgpu: running %s -> %s with %s", config["prepared"], output, parameters)
+    labels = {"dag": config["dag_id"], "task": str(getattr(ti, "task_id", "run_notebook")),
+              "run": str(context["run_id"])}
     outcome = execute(dag_dir / config["prepared"], output, parameters, kernel=config["kernel"],
-                      log_output=True, telemetry=config.get("telemetry", True))
-    return {"executed_notebook": str(outcome.output_path), "ok": outcome.ok}
+                      log_output=True, telemetry=config.get("telemetry", True), labels=labels)
+    # The XCom stays small: the run's summary, not its timeline (that is in the notebook).
+    return {"executed_notebook": str(outcome.output_path), "ok": outcome.ok,
+            "telemetry": outcome.telemetry}

@@ -52,17 +52,24 @@ class RunOutcome:
     output_path: Path
     ok: bool
     error: str | None = None
+    #: The run's telemetry summary (small: fit for an XCom), None when telemetry was off.
+    telemetry: dict | None = None
 
 
 def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str],
             parameters: Mapping[str, Any] | None = None, *, kernel: str | None = None,
             progress_bar: bool = False, log_output: bool = False, telemetry: bool = True,
-            cell_timeout: int | None = None) -> RunOutcome:
+            cell_timeout: int | None = None,
+            labels: Mapping[str, str] | None = None) -> RunOutcome:
     """Run ``prepared`` into ``output_path``; its folder becomes the kernel's working directory so
     files the notebook writes (models, metrics) land beside the executed notebook.
 
     A failing cell, a dead kernel or a timeout raises ``RunError`` after papermill has saved the
     executed notebook with the error marked.
+
+    With telemetry, ``<notebook>.prom`` is written beside the executed notebook (and pushed
+    when $AIRGPU_PUSHGATEWAY_URL is set), failed runs included; ``labels`` (dag, task, run)
+    default to the promoted DAG id, ``run_notebook`` and the output folder's name.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -70,12 +77,14 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     engine = _engine_name(telemetry)
+    sink: dict[str, Any] = {}
+    engine_kwargs = {"airgpu_telemetry": sink} if engine == "airgpu" else {}
     try:
         papermill.execute_notebook(
             str(prepared), str(output_path), parameters=dict(parameters or {}),
             kernel_name=kernel, progress_bar=progress_bar, log_output=log_output,
             cwd=str(output_path.parent), execution_timeout=cell_timeout,
-            engine_name=engine,
+            engine_name=engine, **engine_kwargs,
         )
     except PapermillExecutionError as exc:
         raise RunError(
@@ -85,7 +94,23 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
         kind = type(exc).__name__
         raise RunError(f"notebook run failed ({kind}: {_first(str(exc))}); executed notebook: "
                        f"{output_path}", str(output_path)) from exc
-    return RunOutcome(output_path, True)
+    finally:
+        summary = _publish_telemetry(sink, output_path, labels)
+    return RunOutcome(output_path, True, telemetry=summary)
+
+
+def _publish_telemetry(sink: Mapping[str, Any], output_path: Path,
+                       labels: Mapping[str, str] | None) -> dict | None:
+    """Metrics for the run the engine recorded into ``sink``; its summary for the XCom."""
+    telemetry = sink.get("telemetry")
+    if not telemetry:
+        return None
+    from .metrics import publish
+
+    dag_id = (sink.get("settings") or {}).get("dag_id") or output_path.stem
+    publish(telemetry, output_path, {"dag": str(dag_id), "task": "run_notebook",
+                                     "run": output_path.parent.name, **dict(labels or {})})
+    return dict(telemetry["summary"])
 
 
 def _engine_name(telemetry: bool) -> str | None:

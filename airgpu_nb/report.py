@@ -1,0 +1,157 @@
+"""`airgpu report`: how busy the GPU was in each cell of an executed notebook, as a table, JSON
+or a PNG timeline. Reads only what the ``airgpu`` engine wrote into the notebook."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import NotebookError
+from .telemetry import summarise
+
+METADATA_KEY = "airgpu"
+
+
+def load(path: str | os.PathLike[str]) -> tuple[Any, dict]:
+    """The notebook and its run telemetry; ``NotebookError`` when there is none to report."""
+    from .notebook import read_notebook
+
+    nb = read_notebook(path)
+    telemetry = (nb.metadata.get(METADATA_KEY) or {}).get("telemetry")
+    if not isinstance(telemetry, Mapping) or not isinstance(telemetry.get("samples"), list):
+        raise NotebookError(f"{path} has no airgpu telemetry: run it with `airgpu run` or its "
+                            "DAG (telemetry on) and report on the executed notebook")
+    return nb, dict(telemetry)
+
+
+def build(nb: Any, telemetry: Mapping[str, Any]) -> dict:
+    """The report as data: run summary plus one row per code cell that ran."""
+    from .engine import first_line
+
+    interval = float(telemetry.get("interval_s") or 1.0)
+    summary = telemetry.get("summary") or summarise(telemetry["samples"], interval)
+    cells = []
+    for index, cell in enumerate(nb.cells):
+        if cell.get("cell_type") != "code":
+            continue
+        stats = (cell.metadata.get(METADATA_KEY) or {}).get("telemetry")
+        if not stats:
+            continue
+        cells.append({
+            "index": index, "execution_count": cell.get("execution_count"),
+            "source": first_line(cell.get("source", "")),
+            "start_s": stats.get("start_s"), "end_s": stats.get("end_s"),
+            "duration_s": stats.get("duration_s"), "samples": stats.get("samples"),
+            "gpu_util_mean": stats.get("gpu_util_mean"),
+            "gpu_mem_peak_mb": stats.get("gpu_mem_peak_mb"),
+            "cpu_pct_mean": stats.get("cpu_pct_mean"),
+        })
+    return {"interval_s": interval, "gpu_available": bool(telemetry.get("gpu_available")),
+            "summary": dict(summary), "cells": cells}
+
+
+def render_text(report: Mapping[str, Any], width: int = 48) -> str:
+    """A fixed-width table, one line per cell, then the run's summary."""
+    header = (f"{'cell':>4} {'In':>5} {'duration':>9} {'GPU util':>9} {'GPU mem peak':>13} "
+              f"{'CPU mean':>9}  source")
+    lines = [header, "-" * len(header)]
+    for row in report["cells"]:
+        count = row["execution_count"]
+        lines.append(
+            f"{row['index']:>4} {f'[{count}]' if count else '':>5} "
+            f"{_num(row['duration_s'], ' s', 2):>9} {_num(row['gpu_util_mean'], ' %'):>9} "
+            f"{_num(row['gpu_mem_peak_mb'], ' MiB', 0):>13} {_num(row['cpu_pct_mean'], ' %'):>9}"
+            f"  {row['source'][:width]}")
+    s = report["summary"]
+    lines += [
+        "",
+        f"run: {_num(s.get('duration_s'), ' s', 2)}, {s.get('samples', 0)} samples every "
+        f"{report['interval_s']:g} s, {s.get('gpu_count') or 0} GPU(s) sampled",
+        f"GPU: utilisation mean {_num(s.get('gpu_util_mean'), ' %')}, p95 "
+        f"{_num(s.get('gpu_util_p95'), ' %')}, idle {_pct(s.get('idle_fraction'))} of readings, "
+        f"memory peak {_num(s.get('gpu_mem_peak_mb'), ' MiB', 0)}, "
+        f"{_num(s.get('gpu_seconds'), ' GPU-seconds', 1)}",
+        f"CPU: mean {_num(s.get('cpu_pct_mean'), ' %')}, peak {_num(s.get('cpu_pct_peak'), ' %')}"
+        f" (of one core); RSS peak {_num(s.get('rss_peak_mb'), ' MiB', 0)}",
+    ]
+    if not s.get("gpu_count"):
+        lines.append("no GPU data: NVML saw no GPU during this run")
+    return "\n".join(lines)
+
+
+def _num(value: Any, unit: str = "", digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.0f} %"
+
+
+def plot(report: Mapping[str, Any], samples: list[dict], png: str | os.PathLike[str],
+         title: str = "") -> Path:
+    """GPU utilisation and memory over time (CPU and RSS when there was no GPU), with a line
+    where each cell started. Agg backend: works on a headless worker."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    times = [s["t"] for s in samples]
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    devices = sorted({(g["index"], g["uuid"]) for s in samples for g in s.get("gpus") or ()})
+    if devices:
+        for index, uuid in devices:
+            label = f"GPU {index}" + (f" {uuid[:12]}" if uuid.startswith("MIG-") else "")
+            rows = [_reading(s, index, uuid) for s in samples]
+            util = [float("nan") if r is None or r.get("util_pct") is None else r["util_pct"]
+                    for r in rows]
+            mem = [float("nan") if r is None else r.get("mem_used_mb", 0.0) for r in rows]
+            top.plot(times, util, label=label)
+            bottom.plot(times, mem, label=label)
+        top.set_ylabel("GPU utilisation (%)")
+        top.set_ylim(0, 105)
+        bottom.set_ylabel("GPU memory used (MiB)")
+    else:
+        top.plot(times, [s.get("cpu_pct", 0.0) for s in samples], label="CPU", color="tab:red")
+        top.set_ylabel("CPU (% of one core)")
+        bottom.plot(times, [s.get("rss_mb", 0.0) for s in samples], label="RSS",
+                    color="tab:purple")
+        bottom.set_ylabel("memory RSS (MiB)")
+        title = f"{title} (no GPU data: CPU shown)".strip()
+    for row in report["cells"]:
+        if row.get("start_s") is None:
+            continue
+        for axis in (top, bottom):
+            axis.axvline(row["start_s"], color="0.6", linewidth=0.8, linestyle="--")
+        count = row["execution_count"]
+        top.annotate(f"[{count}]" if count else f"#{row['index']}", (row["start_s"], 1.0),
+                     xycoords=("data", "axes fraction"), fontsize=7, color="0.35",
+                     xytext=(2, -10), textcoords="offset points")
+    bottom.set_xlabel("seconds since the first cell started")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title or "airgpu telemetry")
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    return png
+
+
+def _reading(sample: Mapping[str, Any], index: int, uuid: str) -> Mapping[str, Any] | None:
+    return next((g for g in sample.get("gpus") or () if g["index"] == index and
+                 g["uuid"] == uuid), None)
+
+
+def report(path: str | os.PathLike[str], png: str | os.PathLike[str] | None = None) -> dict:
+    """Load, build and (optionally) draw: what `airgpu report` prints."""
+    nb, telemetry = load(path)
+    result = build(nb, telemetry)
+    result["notebook"] = str(path)
+    if png is not None:
+        result["png"] = str(plot(result, telemetry["samples"], png, title=Path(path).name))
+    return result

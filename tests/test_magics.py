@@ -1,0 +1,296 @@
+"""%airgpu magics through a real IPython InteractiveShell: each subcommand, help, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from airgpu_nb.gpu_check import REPORT_MIME
+from airgpu_nb.magics import SUBCOMMANDS, AirgpuMagics
+from conftest import write_notebook
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "airgpu_nb")
+    yield ip
+    for name in ("__session__", "__vsc_ipynb_file__"):
+        ip.user_ns.pop(name, None)
+    ip.run_line_magic("unload_ext", "airgpu_nb")
+
+
+def magics(ip: InteractiveShell) -> AirgpuMagics:
+    return ip.magics_manager.registry["AirgpuMagics"]
+
+
+@pytest.fixture
+def notebook(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return write_notebook(tmp_path / "work" / "my nb.ipynb", "y = x * 2\nprint('y is', y)",
+                          parameters="x = 1\nname = 'it\\'s \"quoted\"'")
+
+
+def run(ip: InteractiveShell, line: str):
+    """Run a magic as a cell, the way a user does; return (result, captured output)."""
+    with capture_output() as captured:
+        result = ip.run_cell(line)
+    return result, captured
+
+
+def test_load_is_idempotent_and_unload_removes_the_magics(shell: InteractiveShell) -> None:
+    shell.run_line_magic("load_ext", "airgpu_nb")  # second load: no error, still one set
+    from airgpu_nb.magics import load
+
+    load(shell)
+    assert shell.find_line_magic("airgpu") is not None
+    assert shell.find_cell_magic("airgpu") is not None
+    hooks = [cb for cb in shell.events.callbacks["pre_run_cell"]
+             if getattr(cb, "__self__", None).__class__ is AirgpuMagics]
+    assert len(hooks) == 1
+    shell.run_line_magic("unload_ext", "airgpu_nb")
+    assert shell.find_line_magic("airgpu") is None
+    assert shell.find_cell_magic("airgpu") is None
+    assert not [cb for cb in shell.events.callbacks["pre_run_cell"]
+                if getattr(cb, "__self__", None).__class__ is AirgpuMagics]
+    shell.run_line_magic("load_ext", "airgpu_nb")
+    assert shell.find_line_magic("airgpu") is not None
+
+
+def test_help_documents_every_subcommand_and_its_options(shell: InteractiveShell) -> None:
+    doc = shell.find_line_magic("airgpu").__doc__
+    for name in SUBCOMMANDS:
+        assert f"%airgpu {name}" in doc
+    for option in ("%%airgpu profile", "--interval", "--memory-growth", "--memory-limit",
+                   "--dag-id", "--schedule", "--notebook", "--allow-cpu", "--dags-dir", "-p"):
+        assert option in doc
+    _, captured = run(shell, "%airgpu?")
+    assert "--memory-growth" in captured.stdout
+
+
+def test_unknown_subcommand_lists_the_valid_ones_without_a_traceback(shell) -> None:
+    with pytest.raises(UsageError, match="status, use, verify, promote, run, panel"):
+        shell.run_line_magic("airgpu", "bogus")
+    result, captured = run(shell, "%airgpu bogus")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "Traceback" not in captured.stdout + captured.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ("", "give a subcommand"),
+    ("profile", "cell magic"),
+    ("promote --gpus -3 --notebook x.ipynb", "--gpus must be >= 0"),
+    ("promote --dag-id 'bad id' --notebook x.ipynb", "notebook not found"),
+    ("promote --notebook 'unterminated", "cannot parse"),
+    ("promote --no-such-option", "unrecognized arguments"),
+    ("use 0 --memory-growth --memory-limit 100", "not allowed with"),
+    ("use zero", "invalid GPU id"),
+    ("verify --gpus many", "--gpus takes a whole number"),
+    ("status extra", "unrecognized arguments"),
+])
+def test_bad_input_is_a_one_line_usage_error(shell, line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        shell.run_line_magic("airgpu", line)
+
+
+def test_subcommand_help_prints_and_does_not_exit(shell: InteractiveShell) -> None:
+    result, captured = run(shell, "%airgpu promote --help")
+    assert result.error_in_exec is None
+    assert "--dag-id" in captured.stdout and "--notebook" in captured.stdout
+
+
+def test_status_is_an_html_table_that_says_there_is_no_gpu(shell: InteractiveShell) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    result, captured = run(shell, "%airgpu status")
+    assert result.error_in_exec is None
+    data = captured.outputs[0].data
+    assert "No NVIDIA GPU visible" in data["text/html"]
+    assert "<table>" in data["text/html"] and "built with CUDA" in data["text/html"]
+    assert "<code>0</code>" in data["text/html"]
+    assert "CUDA_VISIBLE_DEVICES: 0" in data["text/plain"]
+    assert "TensorFlow 2." in data["text/plain"]
+
+
+def test_verify_shows_the_injected_cells_report(shell: InteractiveShell) -> None:
+    result, captured = run(shell, "%airgpu verify --allow-cpu")
+    assert result.error_in_exec is None
+    report = captured.outputs[0].data[REPORT_MIME]
+    assert report["ok"] is True and report["allow_cpu"] is True
+    assert report["tensorflow"]["version"]
+    assert "airgpu GPU check: OK" in captured.outputs[0].data["text/plain"]
+    # No GPU here: without --allow-cpu the same report is shown, then a one-line error.
+    result, captured = run(shell, "%airgpu verify --gpus 1")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "GPU check failed" in str(result.error_in_exec)
+    assert captured.outputs[0].data[REPORT_MIME]["ok"] is False
+    assert "Traceback" not in captured.stderr
+
+
+def test_use_sets_devices_before_tensorflow_and_refuses_after(tmp_path: Path) -> None:
+    """In a fresh interpreter: TensorFlow state cannot be undone inside this test process."""
+    script = textwrap.dedent("""
+        import json, os, sys
+        from IPython.core.error import UsageError
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "airgpu_nb")
+        out = {}
+        ip.run_line_magic("airgpu", "use 1,0 --memory-growth")
+        out["env"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        out["growth"] = os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH")
+        out["tf_imported"] = "tensorflow" in sys.modules
+        ip.run_line_magic("airgpu", "use none --memory-limit 512")
+        out["env2"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        import tensorflow as tf
+        out["visible"] = [d.name for d in tf.config.get_visible_devices("GPU")]
+        tf.constant(1.0) + 1  # TensorFlow initialises its devices here
+        try:
+            ip.run_line_magic("airgpu", "use 0")
+            out["after"] = "no error"
+        except UsageError as exc:
+            out["after"] = str(exc)
+        out["env3"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        print("RESULT " + json.dumps(out))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["env"] == "1,0" and out["growth"] == "true"
+    assert out["tf_imported"] is False
+    assert out["env2"] == "-1" and out["visible"] == []
+    assert "restart the kernel" in out["after"]
+    assert out["env3"] == "-1"  # the refused call changed nothing
+
+
+def test_promote_writes_files_checks_dagbag_and_names_the_command(shell, notebook, tmp_path):
+    dags = tmp_path / "dags"
+    result, captured = run(shell, f"%airgpu promote --notebook '{notebook}' --dags-dir {dags} "
+                                  "--dag-id nightly_nb --schedule @daily -p x 7 --allow-cpu")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert (dags / "nightly_nb.py").is_file() and (dags / "nightly_nb.ipynb").is_file()
+    text = captured.outputs[0].data["text/plain"]
+    html = captured.outputs[0].data["text/html"]
+    assert f"wrote {dags / 'nightly_nb.py'}" in text
+    assert "imports cleanly in Airflow's DagBag (nightly_nb)" in text
+    assert "airflow dags test nightly_nb" in text and "airflow dags test nightly_nb" in html
+    source = (dags / "nightly_nb.py").read_text()
+    assert "@daily" in source
+    prepared = nbformat.read(dags / "nightly_nb.ipynb", as_version=4)
+    assert prepared.metadata["airgpu"]["settings"]["parameters"]["x"] == 7
+
+
+def test_promote_finds_the_kernels_notebook_vscode_first(shell, notebook, tmp_path):
+    other = write_notebook(tmp_path / "other.ipynb", "pass")
+    with pytest.raises(UsageError, match="--notebook PATH"):
+        shell.run_line_magic("airgpu", "promote --dags-dir d")
+    shell.user_ns["__session__"] = str(other)
+    assert magics(shell).kernel_notebook() == other
+    shell.user_ns["__vsc_ipynb_file__"] = str(notebook)
+    assert magics(shell).kernel_notebook() == notebook
+    del shell.user_ns["__vsc_ipynb_file__"], shell.user_ns["__session__"]
+    os.environ["JPY_SESSION_NAME"] = str(other)
+    try:
+        assert magics(shell).kernel_notebook() == other
+    finally:
+        del os.environ["JPY_SESSION_NAME"]
+    shell.user_ns["__session__"] = "other.ipynb"  # a relative session path: the kernel's cwd
+    os.chdir(tmp_path)
+    result, captured = run(shell, "%airgpu promote --dags-dir d --dag-id found")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert (tmp_path / "d" / "found.py").is_file()
+    assert "warning" not in captured.outputs[0].data["text/plain"].lower()
+
+
+def test_promote_warns_when_the_notebook_was_saved_before_the_latest_cell(shell, notebook):
+    shell.user_ns["__session__"] = str(notebook)
+    old = time.time() - 3600
+    os.utime(notebook, (old, old))
+    run(shell, "value = 1")  # the kernel ran a cell after the file was last saved
+    result, captured = run(shell, "%airgpu promote --dags-dir d")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert "unsaved edits are not included" in captured.outputs[0].data["text/plain"]
+    os.utime(notebook, None)  # saved now: no warning
+    run(shell, "value = 2")
+    os.utime(notebook, (time.time() + 5, time.time() + 5))
+    _, captured = run(shell, "%airgpu promote --dags-dir d")
+    assert "unsaved" not in captured.outputs[0].data["text/plain"]
+
+
+def test_run_executes_the_prepared_notebook_and_links_it(shell, notebook, tmp_path):
+    output = tmp_path / "runs" / "out.ipynb"
+    result, captured = run(shell, f"%airgpu run --notebook '{notebook}' -p x 5 --allow-cpu "
+                                  f"--no-progress --output {output}")
+    assert result.error_in_exec is None, result.error_in_exec
+    executed = nbformat.read(output, as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "y is 10" in printed
+    tags = [t for c in executed.cells for t in c.metadata.get("tags", [])]
+    assert "airgpu-gpu-check" in tags and "injected-parameters" in tags
+    assert str(output) in captured.outputs[-1].data["text/plain"]
+    assert "<a href='runs/out.ipynb'" in captured.outputs[-1].data["text/html"]
+
+
+def test_run_of_a_failing_notebook_is_one_line_naming_the_kept_notebook(shell, tmp_path):
+    bad = write_notebook(tmp_path / "bad.ipynb", "raise ValueError('boom')")
+    output = tmp_path / "failed.ipynb"
+    result, captured = run(shell, f"%airgpu run --notebook {bad} --allow-cpu --no-progress "
+                                  f"--output {output}")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "ValueError: boom" in str(result.error_in_exec)
+    assert output.is_file()
+    assert "Traceback" not in captured.stderr
+
+
+def test_profile_runs_the_cell_and_reports_cpu_without_a_gpu(shell: InteractiveShell) -> None:
+    result, captured = run(shell, "%%airgpu profile --interval 0.05\n"
+                                  "import time\ntime.sleep(0.4)\nprofiled = 42\n")
+    assert result.error_in_exec is None, result.error_in_exec
+    assert shell.user_ns["profiled"] == 42
+    summary = magics(shell).last_profile
+    assert summary["wall_s"] >= 0.4 and summary["gpu_available"] is False
+    assert summary["samples"] >= 3 and summary["rss_peak_mb"] > 0
+    data = captured.outputs[-1].data
+    assert "no GPU" in data["text/plain"] and "kernel CPU mean / peak" in data["text/plain"]
+    assert data["image/png"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
+    with pytest.raises(UsageError, match="positive"):
+        shell.run_cell_magic("airgpu", "profile --interval 0", "pass")
+    with pytest.raises(UsageError, match="line magic"):
+        shell.run_cell_magic("airgpu", "status", "pass")
+
+
+def test_profile_still_reports_when_the_cell_raises(shell: InteractiveShell) -> None:
+    _, captured = run(shell, "%%airgpu profile --interval 0.05\n1 / 0\n")
+    assert "raised an error" in captured.outputs[-1].data["text/plain"]
+    assert "ZeroDivisionError" in captured.stdout + captured.stderr
+
+
+def test_panel_prefills_the_form_from_promote_options(shell, notebook, tmp_path) -> None:
+    result, _ = run(shell, f"%airgpu panel --notebook '{notebook}' --dags-dir {tmp_path / 'd'} "
+                           "--target docker --dag-id from_magic --schedule '0 3 * * *' "
+                           "--image repo/img:1 -p x 9 --allow-cpu")
+    assert result.error_in_exec is None, result.error_in_exec
+    form = magics(shell).panels[-1].form
+    assert form.dag_id.value == "from_magic" and form.target.value == "docker"
+    assert form.schedule.value == "cron" and form.cron.value == "0 3 * * *"
+    assert form.image.value == "repo/img:1" and form.allow_cpu.value is True
+    assert dict((k.value, v.value) for k, v, _ in form.param_rows)["x"] == "9"
+    assert form.dags_dir.value == str(tmp_path / "d")
+    with pytest.raises(UsageError, match="notebook not found"):
+        shell.run_line_magic("airgpu", "panel --notebook missing.ipynb")
