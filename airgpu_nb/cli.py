@@ -123,6 +123,17 @@ _CONTAINER_OPTIONS = ("cpu", "memory", "shm_size", "user", "notebooks_volume", "
                       "node_selector", "tolerations", "gpu_product", "gpu_sharing")
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `airgpu run` and `%airgpu run`."""
+    _add_parameter_options(parser)
+    parser.add_argument("--output", help="executed notebook path (default: OUTPUT_DIR/<dag_id>/"
+                        "local__<time>/<notebook>.ipynb)")
+    parser.add_argument("--allow-cpu", action="store_true", default=None,
+                        help="run on CPU when the GPUs are missing")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide papermill's progress bar")
+
+
 def _gpus(text: str) -> int | str:
     try:
         return parse_gpus(text)
@@ -163,13 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prepare the notebook (GPU check included) and execute it "
                        "with papermill; prints the executed notebook's path.")
     r.add_argument("notebook")
-    _add_parameter_options(r)
-    r.add_argument("--output", help="executed notebook path (default: OUTPUT_DIR/<dag_id>/"
-                   "local__<time>/<notebook>.ipynb)")
-    r.add_argument("--allow-cpu", action="store_true", default=None,
-                   help="run on CPU when the GPUs are missing")
-    r.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="hide papermill's progress bar")
+    add_run_options(r)
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("verify", help="run the GPU check here and print its report",

@@ -239,11 +239,13 @@ def warn_if_idle(nb: Any, telemetry: Mapping[str, Any],
                  threshold: float | None = None) -> str | None:
     """Log the idle-GPU warning and add or clear the note; returns the note's text."""
     threshold = idle_threshold_from_env() if threshold is None else threshold
+    apply_idle_note(nb, None)  # first, so that cell numbers do not count an old note
     message = idle_message(nb, telemetry, threshold)
+    cells = idle_cells(nb, threshold) if message is not None else []
     apply_idle_note(nb, message)
     if message is not None:
-        names = ", ".join(f"{_cell_name(c)} ({c['util']:.0f} %)"
-                          for c in idle_cells(nb, threshold)) or "none measured"
+        names = ", ".join(f"{_cell_name(c)} ({c['util']:.0f} %)" for c in cells) \
+            or "none measured"
         log.warning("airgpu: GPU mostly idle: mean utilisation %.1f %% < %g %%; least busy "
                     "cells: %s. See the note at the top of the executed notebook.",
                     telemetry["summary"]["gpu_util_mean"], threshold, names)
@@ -331,6 +333,7 @@ def _build_engine() -> type:
             return TelemetryNotebookClient(nb_man, sink=sink, **final_kwargs).execute()
 
     AirgpuEngine.__module__ = __name__
+    AirgpuEngine.__qualname__ = "AirgpuEngine"
     TelemetryNotebookClient.__module__ = __name__
     return AirgpuEngine
 

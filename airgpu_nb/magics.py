@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
-from .cli import _add_parameter_options, _gpus, _Parser, add_promote_options, promote_options
+from .cli import _gpus, _Parser, add_promote_options, add_run_options, promote_options
 from .errors import AirgpuError
 
 SUBCOMMANDS = ("status", "use", "verify", "promote", "run", "panel")
@@ -101,13 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the notebook with papermill exactly as its DAG task "
                        "would, and link the executed notebook")
     r.add_argument("--notebook", metavar="PATH", help="notebook to run (default: this one)")
-    _add_parameter_options(r)
-    r.add_argument("--output", help="executed notebook path (default: OUTPUT_DIR/<dag_id>/"
-                   "local__<time>/<notebook>.ipynb)")
-    r.add_argument("--allow-cpu", action="store_true", default=None,
-                   help="run on CPU when the GPUs are missing")
-    r.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="hide the progress bar")
+    add_run_options(r)
 
     w = sub.add_parser("panel", help="GPU dashboard and one-click promotion form; options "
                        "pre-fill the form", description="Takes the promote options.")

@@ -10,6 +10,7 @@ Nothing here imports NVML or starts a thread until :meth:`Sampler.start`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -194,10 +195,8 @@ class Sampler:
 
     def _close_nvml(self) -> None:
         if self._nvml is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
-            except Exception:
-                pass
             self._nvml = None
             self._gpus = []
 
@@ -267,13 +266,10 @@ def _open_devices(nvml: Any, indices: Sequence[int] | None) -> list[_Gpu]:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         uuid = _text(nvml.nvmlDeviceGetUUID(handle))
         slices = _mig_slices(nvml, index, handle)
-        if wanted_uuids:
-            if uuid in wanted_uuids:
-                gpus.extend(slices or [_Gpu(index, uuid, handle, mig=False)])
-            else:
-                gpus.extend(s for s in slices if s.uuid in wanted_uuids)
-        elif index in indices:
+        if index in indices or uuid in wanted_uuids:
             gpus.extend(slices or [_Gpu(index, uuid, handle, mig=False)])
+        else:
+            gpus.extend(s for s in slices if s.uuid in wanted_uuids)
     return gpus
 
 

@@ -186,7 +186,8 @@ class PromotionForm:
         self.allow_cpu = w.Checkbox(value=bool(o.get("allow_cpu")),
                                     description="allow CPU when no GPU")
         self.force = w.Checkbox(value=force, description="overwrite a hand-edited DAG")
-        self.dags_dir = w.Text(value=str(dags_dir or default_dags_dir()), description="DAGs dir")
+        self.dags_dir = w.Text(value=str(dags_dir or default_dags_dir()), description="DAGs dir",
+                               layout=w.Layout(width="40em"))
         defaults = {**parameter_defaults(nb), **dict(o.get("parameters") or {})}
         self.param_rows: list[tuple[w.Text, w.Text, w.HBox]] = []
         self.params_box = w.VBox()

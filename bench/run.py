@@ -43,7 +43,7 @@ from airflow.providers.papermill.operators.papermill import PapermillOperator
 with DAG(dag_id="handwritten", schedule=None, catchup=False,
          start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)):
     PapermillOperator(task_id="run_notebook", input_nb={notebook!r},
-                      output_nb={output!r} + "/{{{{ run_id }}}}/train_classifier.ipynb",
+                      output_nb={output!r} + "/train_classifier-{{{{ run_id }}}}.ipynb",
                       parameters={{"epochs": 8}})
 """
 
@@ -128,6 +128,7 @@ def bench_end_to_end(work: Path, env: dict[str, str], reps: int) -> None:
     nb = nbformat.read(EXAMPLE, as_version=4)
     script.write_text("\n\n".join(c.source for c in nb.cells if c.cell_type == "code"))
     e2e_env = {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
+    (work / "hw-out").mkdir(exist_ok=True)
     airflow = str(BIN / "airflow")
     (work / "pm-out").mkdir()
     result = interleaved({

@@ -51,6 +51,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jruntime"),
            "IPYTHONDIR": str(tmp_path / "ipython"),
            "JUPYTER_PLATFORM_DIRS": "1"}
+    news = tmp_path / "jconfig" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)  # no "get Jupyter news?" toast over the screenshot
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     log = tmp_path / "jupyter.log"
     with open(log, "wb") as handle:
         proc = subprocess.Popen(

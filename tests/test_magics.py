@@ -294,3 +294,19 @@ def test_panel_prefills_the_form_from_promote_options(shell, notebook, tmp_path)
     assert form.dags_dir.value == str(tmp_path / "d")
     with pytest.raises(UsageError, match="notebook not found"):
         shell.run_line_magic("airgpu", "panel --notebook missing.ipynb")
+
+
+def test_tour_notebook_is_generated_and_runs_under_nbval(tmp_path: Path) -> None:
+    """notebooks/airgpu_tour.ipynb matches its generator and every cell runs (outputs not
+    compared: GPU names and timings differ between machines)."""
+    root = Path(__file__).resolve().parents[1]
+    fresh = tmp_path / "tour.ipynb"
+    subprocess.run([sys.executable, str(root / "scripts" / "make_tour_notebook.py"), str(fresh)],
+                   check=True, capture_output=True, cwd=root)
+    assert fresh.read_text() == (root / "notebooks" / "airgpu_tour.ipynb").read_text(), \
+        "rerun scripts/make_tour_notebook.py"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q",
+                           "-p", "no:cacheprovider", "notebooks/airgpu_tour.ipynb"],
+                          capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -166,3 +166,17 @@ def test_dashboard_without_a_gpu_says_so_and_does_not_start(notebook: Path) -> N
     panel.dashboard.start_if_gpus()
     assert not panel.dashboard.running
     panel.close()
+
+
+def test_kubernetes_fields_reach_the_dag_through_the_cli_parser(notebook, tmp_path) -> None:
+    form = PromotionForm(notebook, dags_dir=str(tmp_path / "dags"))
+    form.target.value = "kubernetes"
+    form.mig.value = "1g.10gb"
+    form.image.value = "registry.example/train:1"
+    form.node_selector.value = "pool=gpu"
+    form.tolerations.value = "nvidia.com/gpu=present:NoSchedule"
+    form.button.click()
+    assert "Promoted DAG" in form.result.value, form.result.value
+    source = (tmp_path / "dags" / "Train_Model.py").read_text()
+    for expected in ("1g.10gb", "registry.example/train:1", "pool", "NoSchedule"):
+        assert expected in source

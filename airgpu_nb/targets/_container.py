@@ -66,6 +66,8 @@ def check_options(spec: PromotionSpec, target: str, accepted: Iterable[str]) -> 
         takers = [t for t, names in _TAKERS.items() if unknown[0] in names]
         hint = f" (it is for the {' or '.join(takers)} target)" if takers else ""
         raise SpecError(f"target {target!r} does not take {flag(unknown[0])}{hint}")
+    if "outputs_url" in spec.option_map and "outputs_volume" in spec.option_map:
+        raise SpecError("give --outputs-volume or --outputs-url, not both")
 
 
 def no_mig(spec: PromotionSpec, target: str) -> None:

@@ -36,8 +36,6 @@ class DockerTarget:
 
     def context(self, spec: PromotionSpec) -> dict[str, Any]:
         opts = spec.option_map
-        if "outputs_url" in opts and "outputs_volume" in opts:
-            raise SpecError("give --outputs-volume or --outputs-url, not both")
         shm = c.parse_size(opts.get("shm_size", c.DEFAULT_SHM), "shm_size")
         memory = c.parse_size(opts["memory"], "memory") if "memory" in opts else None
         if memory is not None and memory <= shm:

@@ -47,8 +47,6 @@ class KubernetesTarget:
 
     def context(self, spec: PromotionSpec) -> dict[str, Any]:
         opts = spec.option_map
-        if "outputs_url" in opts and "outputs_volume" in opts:
-            raise SpecError("give --outputs-volume or --outputs-url, not both")
         cpu = _cpu_quantity(c.parse_cpu(opts.get("cpu", DEFAULT_CPU)))
         memory = c.parse_size(opts.get("memory", DEFAULT_MEMORY), "memory")
         shm = c.parse_size(opts.get("shm_size", c.DEFAULT_SHM), "shm_size")
