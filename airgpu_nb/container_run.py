@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from .errors import AirgpuError, SpecError
 from .run import execute, executed_path, safe_name
-from .spec import validate_parameter
+from .spec import RESERVED_PARAMETERS, validate_parameter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +51,8 @@ def output_location(output_dir: str, dag_id: str, run_id: str, name: str,
 
 def run(config: dict[str, Any], params: dict[str, Any], run_id: str, try_number: int) -> str:
     for name, value in params.items():
-        validate_parameter(name, value)
+        if name not in RESERVED_PARAMETERS:  # the check cell's own: a run may override them
+            validate_parameter(name, value)
     notebook = config["notebook"]
     if "://" not in notebook and not Path(notebook).is_file():
         raise SpecError(f"prepared notebook {notebook} is not in the container: mount the DAG "

@@ -274,3 +274,17 @@ def test_object_store_outputs_are_named_like_local_ones():
                            "train.ipynb", 2) == (
         "s3://bucket/runs/dag/manual__2026-01-01T00_00_00_00_00/train.try-2.ipynb")
     assert output_location("/out", "dag", "r", "train.ipynb", 1) == "/out/dag/r/train.ipynb"
+
+
+def test_container_run_lets_a_run_override_the_gpu_check_parameters(tmp_path):
+    """`allow_cpu` / `gpus_requested` belong to the check cell: a trigger may override them
+    (as on the local target), while a bad user parameter name is still refused."""
+    from airgpu_nb.container_run import run
+    from airgpu_nb.errors import SpecError
+
+    config = {"dag_id": "d", "notebook": str(tmp_path / "missing.ipynb"), "name": "n.ipynb",
+              "kernel": "python3", "output_dir": str(tmp_path), "telemetry": False}
+    with pytest.raises(SpecError, match="is not in the container"):
+        run(config, {"allow_cpu": True, "gpus_requested": 0, "epochs": 2}, "r", 1)
+    with pytest.raises(SpecError, match="invalid parameter name"):
+        run(config, {"class": 1}, "r", 1)
