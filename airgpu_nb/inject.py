@@ -45,7 +45,7 @@ def check_cell_source(gpus_requested: int | str, allow_cpu: bool) -> str:
 
 
 def make_check_cell(spec: PromotionSpec) -> NotebookNode:
-    cell = nbformat.v4.new_code_cell(check_cell_source(spec.gpu.wanted, spec.allow_cpu))
+    cell = nbformat.v4.new_code_cell(check_cell_source(spec.gpu.count, spec.allow_cpu))
     cell.metadata["tags"] = [CHECK_TAG]
     cell.metadata["jupyter"] = {"source_hidden": True}
     cell.pop("id", None)

@@ -49,9 +49,9 @@ def local_run_id(now: dt.datetime | None = None) -> str:
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """A finished run (a failed one raises ``RunError`` instead)."""
+
     output_path: Path
-    ok: bool
-    error: str | None = None
     #: The run's telemetry summary (small: fit for an XCom), None when telemetry was off.
     telemetry: dict | None = None
 
@@ -96,7 +96,7 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
                        f"{output_path}", str(output_path)) from exc
     finally:
         summary = _publish_telemetry(sink, output_path, labels)
-    return RunOutcome(output_path, True, telemetry=summary)
+    return RunOutcome(output_path, telemetry=summary)
 
 
 def _publish_telemetry(sink: Mapping[str, Any], output_path: Path,

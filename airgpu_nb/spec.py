@@ -67,11 +67,6 @@ class GpuRequest:
         """Airflow pool slots this run takes in the ``gpu`` pool (at least 1)."""
         return self.count if isinstance(self.count, int) and self.count > 0 else 1
 
-    @property
-    def wanted(self) -> int | str:
-        """What the verification cell checks for: a count, or ``"all"`` (at least one)."""
-        return self.count
-
 
 @dataclass(frozen=True)
 class PromotionSpec:
