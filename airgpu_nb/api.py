@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+# Re-exported: the run lives in run.py beside execute(); callers keep ``api.run_notebook``.
+from .run import run_notebook as run_notebook
 
 if TYPE_CHECKING:
     from .promote import PromotionResult
@@ -102,6 +102,7 @@ def render_promotion(result: PromotionResult, check: DagImportCheck | None,
     lines = [f"Promoted DAG {spec.dag_id} (target {spec.target})",
              f"  wrote {result.dag_file}", f"  wrote {result.notebook_file}",
              f"  DagBag: {verdict}", f"  run it: {commands[0]}", f"  or: {commands[1]}"]
+    lines += [f"  note: {note}" for note in result.notes]
     if warning:
         lines.insert(0, f"warning: {warning}")
     mark = {True: "✔", False: "✘", None: "-"}[None if check is None else check.ok]
@@ -116,29 +117,7 @@ def render_promotion(result: PromotionResult, check: DagImportCheck | None,
         f"<li>wrote <code>{e(str(result.notebook_file))}</code></li>"
         f"<li>DagBag: {mark} {e(verdict)}</li></ul>"
         f"<p>Run it: <code>{e(commands[0])}</code> or <code>{e(commands[1])}</code></p>")
+    if result.notes:
+        parts.append("<ul class='airgpu-notes'>" + "".join(
+            f"<li><b>Note:</b> {e(note)}</li>" for note in result.notes) + "</ul>")
     return {"text/html": "".join(parts), "text/plain": "\n".join(lines)}
-
-
-def run_notebook(notebook: str | os.PathLike[str],
-                 parameters: Mapping[str, Any] | None = None, *,
-                 output: str | os.PathLike[str] | None = None, allow_cpu: bool | None = None,
-                 progress_bar: bool = True) -> Path:
-    """Prepare ``notebook`` (GPU check included) and execute it with papermill exactly as its
-    DAG task would; return the executed notebook's path. ``RunError`` if a cell fails."""
-    from .airflow_task import default_output_dir
-    from .notebook import notebook_bytes
-    from .promote import promote
-    from .run import execute, executed_path, local_run_id, resolve_output_dir
-
-    result = promote(notebook, allow_cpu=allow_cpu)
-    spec = result.spec
-    target = Path(output) if output else executed_path(
-        resolve_output_dir(spec.output_dir, Path.cwd(), default_output_dir()), spec.dag_id,
-        local_run_id(), spec.notebook_name)
-    merged = {**spec.params, **dict(parameters or {})}
-    with tempfile.TemporaryDirectory(prefix="airgpu-run-") as tmp:
-        prepared = Path(tmp) / result.notebook_file.name
-        prepared.write_bytes(notebook_bytes(result.notebook))
-        execute(prepared, target, merged, kernel=spec.kernel, progress_bar=progress_bar,
-                telemetry=spec.telemetry)
-    return target

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import AirgpuError, SpecError
-from .run import execute, executed_path, safe_name
-from .spec import RESERVED_PARAMETERS, validate_parameter
+from .run import check_run_parameters, execute, executed_path, safe_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,9 +49,8 @@ def output_location(output_dir: str, dag_id: str, run_id: str, name: str,
 
 
 def run(config: dict[str, Any], params: dict[str, Any], run_id: str, try_number: int) -> str:
-    for name, value in params.items():
-        if name not in RESERVED_PARAMETERS:  # the check cell's own: a run may override them
-            validate_parameter(name, value)
+    """Run the prepared notebook; parameters are checked before the notebook is looked for."""
+    params = check_run_parameters(params, "--params-json")
     notebook = config["notebook"]
     if "://" not in notebook and not Path(notebook).is_file():
         raise SpecError(f"prepared notebook {notebook} is not in the container: mount the DAG "

@@ -1,11 +1,83 @@
 # airgpu-nb GPU check: proves the GPUs this run asked for are visible to TensorFlow and can
 # execute work, before any training starts. It needs only the standard library, TensorFlow and,
 # when installed, nvidia-ml-py, so it runs in any TensorFlow image that has papermill.
+#
+# TensorFlow is probed in a child process started with this kernel's own interpreter and
+# environment (CUDA_VISIBLE_DEVICES included). The kernel's TensorFlow is never imported or
+# initialised here: the notebook can still choose its devices, virtual devices, memory limits or
+# precision policy itself, no GPU memory stays held by the kernel, and a notebook that never
+# imports TensorFlow does not pay for its import.
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 REPORT_MIME = "application/vnd.airgpu.gpu-report+json"
 HIDING_VALUES = ("", "-1", "none", "nodevfiles", "void")
+NOT_INSTALLED = "TensorFlow is not installed in this kernel's environment."
+GROWTH_ENV = "TF_FORCE_GPU_ALLOW_GROWTH"
+PROBE_MARKER = "@@airgpu-probe@@ "
+PROBE_TIMEOUT_S = 300.0
+
+# Runs in the child: `python -c PROBE_SOURCE '{"marker": ..., "ops": null | "all" | N}'`.
+# It reports on stdout, one marker line per finding, flushed as it goes, so that a crash or a
+# timeout still leaves what was learnt before it; everything else TensorFlow prints is ignored.
+PROBE_SOURCE = r'''
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+
+
+def say(item):
+    sys.stdout.write("\n" + args["marker"] + json.dumps(item) + "\n")
+    sys.stdout.flush()
+
+
+def first_line(exc):
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+try:
+    import tensorflow as tf
+except ImportError as exc:
+    missing = (isinstance(exc, ModuleNotFoundError)
+               and (exc.name or "").split(".")[0] == "tensorflow")
+    say({"tensorflow": {"version": None, "built_with_cuda": False, "gpus": [],
+                        "error": None if missing else
+                        "TensorFlow cannot be imported in this kernel's environment: "
+                        + first_line(exc)}})
+    say({"done": True})
+    sys.exit(0)
+gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+build = tf.sysconfig.get_build_info()
+say({"tensorflow": {"version": tf.__version__,
+                    "built_with_cuda": bool(tf.test.is_built_with_cuda()),
+                    "cuda_version": build.get("cuda_version"),
+                    "cudnn_version": build.get("cudnn_version"),
+                    "gpus": gpus}})
+if args["ops"] is not None:
+    chosen = gpus if args["ops"] == "all" else gpus[:args["ops"]]
+    for device in [g.replace("/physical_device:", "/") for g in chosen] or ["/CPU:0"]:
+        say({"running": device})
+        start = time.perf_counter()
+        try:
+            with tf.device(device):
+                x = tf.random.uniform((128, 128))
+                y = tf.matmul(x, x)
+                float(tf.reduce_sum(y))
+            # eager placement is soft: prove the product really ran where it was asked to
+            wanted = "device:" + device.rsplit("/", 1)[-1]
+            if not y.device.upper().endswith(wanted.upper()):
+                raise RuntimeError("the product ran on " + y.device + " instead")
+            say({"op": {"device": device, "ok": True,
+                        "ms": round((time.perf_counter() - start) * 1000, 2)}})
+        except Exception as exc:
+            say({"op": {"device": device, "ok": False, "error": first_line(exc)}})
+say({"done": True})
+os._exit(0)  # the report is out; TensorFlow's teardown at exit would cost most of a second
+'''
 
 
 class GpuCheckError(RuntimeError):
@@ -68,47 +140,93 @@ def _nvml_device(pynvml, index):
     return device
 
 
-def tensorflow_view(memory_growth=True):
-    """TensorFlow's build and the GPUs it can see; turns memory growth on before first use."""
+def enable_memory_growth():
+    """Ask this process's TensorFlow to grow GPU memory on demand, without touching TensorFlow.
+
+    TensorFlow reads TF_FORCE_GPU_ALLOW_GROWTH when it initialises its GPUs, so setting the
+    variable is enough while TensorFlow is not imported here; a value the environment already
+    set is kept. Returns what was done, in words.
+    """
+    if "tensorflow" in sys.modules:
+        current = os.environ.get(GROWTH_ENV)
+        return ("unchanged: TensorFlow was already imported in this kernel ("
+                + GROWTH_ENV + "=" + repr(current) + ")")
+    value = os.environ.setdefault(GROWTH_ENV, "true")
+    if value.strip().lower() == "true":
+        return "on: " + GROWTH_ENV + "=true for this kernel's TensorFlow"
+    return "left as the environment set it: " + GROWTH_ENV + "=" + repr(value)
+
+
+def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S):
+    """TensorFlow's view from a child process: ``{"tensorflow": view, "ops": [...], "probe": ...}``.
+
+    ``ops`` is None (no test work), "all" (every visible GPU) or how many GPUs to run a small
+    matrix product on (the CPU when none is visible). A child that cannot start, crashes or runs
+    past ``timeout`` seconds is reported in one line, never as a traceback.
+    """
+    env = dict(os.environ)
+    env.setdefault(GROWTH_ENV, "true")  # the child never holds a whole GPU while it tests it
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-c", PROBE_SOURCE,
+               json.dumps({"marker": PROBE_MARKER, "ops": ops})]
+    start = time.perf_counter()
+    failure = None
     try:
-        import tensorflow as tf
-    except ImportError as exc:
-        return {"version": None, "built_with_cuda": False, "gpus": [], "error": str(exc)}
-    gpus = tf.config.list_physical_devices("GPU")
-    growth = []
-    for gpu in gpus if memory_growth else ():
+        child = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, timeout=timeout)
+        out, err, code = child.stdout, child.stderr, child.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, code = exc.stdout or b"", exc.stderr or b"", None
+        failure = ("the TensorFlow probe process ran past its " + format(timeout, "g")
+                   + " s timeout and was stopped")
+    except (OSError, ValueError) as exc:
+        out, err, code = b"", b"", None
+        failure = ("the TensorFlow probe process could not start (" + repr(sys.executable)
+                   + "): " + _first_line(str(exc)))
+    found = {"tensorflow": None, "ops": [], "running": None, "done": False}
+    for line in out.decode("utf-8", "replace").splitlines():
+        at = line.find(PROBE_MARKER)
+        if at < 0:
+            continue
         try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-            growth.append(gpu.name)
-        except RuntimeError:
-            pass  # TensorFlow already initialised its GPUs in this kernel: nothing to change
-    build = tf.sysconfig.get_build_info()
+            item = json.loads(line[at + len(PROBE_MARKER):])
+        except ValueError:
+            continue
+        if not isinstance(item, dict):
+            continue
+        if "op" in item:
+            found["ops"].append(item["op"])
+            found["running"] = None
+        else:
+            found.update(item)
+    if failure is None and not found["done"]:
+        failure = _crash(code, err)
+    tf_view = found["tensorflow"]
+    if tf_view is None:
+        tf_view = {"version": None, "built_with_cuda": False, "gpus": [],
+                   "error": failure or "the TensorFlow probe process gave no report"}
+    elif tf_view["version"] is None and not tf_view.get("error"):
+        tf_view["error"] = NOT_INSTALLED
+    if found["running"] and failure:
+        found["ops"].append({"device": found["running"], "ok": False, "error": failure})
     return {
-        "version": tf.__version__,
-        "built_with_cuda": bool(tf.test.is_built_with_cuda()),
-        "cuda_version": build.get("cuda_version"),
-        "cudnn_version": build.get("cudnn_version"),
-        "gpus": [gpu.name for gpu in gpus],
-        "memory_growth": growth,
+        "tensorflow": tf_view,
+        "ops": found["ops"],
+        "probe": {"seconds": round(time.perf_counter() - start, 2), "exit_code": code,
+                  "error": failure},
     }
 
 
-def smoke_test(devices):
-    """Run one small matrix product on each device, to prove work really executes there."""
-    import tensorflow as tf
+def tensorflow_view(memory_growth=True, timeout=PROBE_TIMEOUT_S):
+    """TensorFlow's build and the GPUs it can see, from a child process.
 
-    results = []
-    for device in devices:
-        start = time.perf_counter()
-        try:
-            with tf.device(device):
-                x = tf.random.uniform((128, 128))
-                float(tf.reduce_sum(tf.matmul(x, x)))
-            results.append({"device": device, "ok": True,
-                            "ms": round((time.perf_counter() - start) * 1000, 2)})
-        except Exception as exc:
-            results.append({"device": device, "ok": False, "error": str(exc).splitlines()[0]})
-    return results
+    With ``memory_growth`` this kernel's TensorFlow is told to grow GPU memory on demand (only
+    while it is not imported yet); the view says what was done.
+    """
+    growth = enable_memory_growth() if memory_growth else None
+    view = probe_tensorflow(None, timeout)["tensorflow"]
+    view["memory_growth"] = growth
+    return view
 
 
 def likely_cause(report):
@@ -117,7 +235,7 @@ def likely_cause(report):
     tf_view = report["tensorflow"]
     nvml = report["nvml"]
     if tf_view.get("version") is None:
-        return "TensorFlow is not installed in this kernel's environment."
+        return tf_view.get("error") or NOT_INSTALLED
     if visible is not None and visible.strip().lower() in HIDING_VALUES:
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from this process."
     if not tf_view["built_with_cuda"]:
@@ -144,25 +262,32 @@ def likely_cause(report):
             f"{tf_view.get('cuda_version')}).")
 
 
-def gpu_report(gpus_requested=1, allow_cpu=False, memory_growth=True, run_ops=True):
-    """Everything this process can tell about its GPUs, with a verdict in ``ok``."""
+def gpu_report(gpus_requested=1, allow_cpu=False, memory_growth=True, run_ops=True,
+               timeout=PROBE_TIMEOUT_S):
+    """Everything this process can tell about its GPUs, with a verdict in ``ok``.
+
+    TensorFlow is asked in a child process (see ``probe_tensorflow``); NVML is read here.
+    """
+    growth = enable_memory_growth() if memory_growth else None
+    wanted = "all" if gpus_requested == "all" else _as_count(gpus_requested)
+    probe = probe_tensorflow(wanted if run_ops else None, timeout)
+    probe["tensorflow"]["memory_growth"] = growth
     report = {
         "ok": False,
         "gpus_requested": gpus_requested,
         "allow_cpu": bool(allow_cpu),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "nvml": nvml_inventory(),
-        "tensorflow": tensorflow_view(memory_growth),
-        "ops": [],
+        "tensorflow": probe["tensorflow"],
+        "ops": probe["ops"],
+        "probe": probe["probe"],
         "cause": None,
         "message": "",
     }
     visible = report["tensorflow"]["gpus"]
-    wanted = len(visible) if gpus_requested == "all" else _as_count(gpus_requested)
-    needed = max(1, wanted) if gpus_requested == "all" else wanted
-    use = [name.replace("/physical_device:", "/") for name in visible[:wanted]]
-    if run_ops and report["tensorflow"]["version"] is not None:
-        report["ops"] = smoke_test(use or ["/CPU:0"])
+    needed = max(1, len(visible)) if wanted == "all" else wanted
+    chosen = visible if wanted == "all" else visible[:wanted]
+    use = [name.replace("/physical_device:", "/") for name in chosen]
     ops_ok = all(op["ok"] for op in report["ops"])
     if len(visible) >= needed and ops_ok:
         report["ok"] = True
@@ -176,7 +301,8 @@ def gpu_report(gpus_requested=1, allow_cpu=False, memory_growth=True, run_ops=Tr
     else:
         failed = [op for op in report["ops"] if not op["ok"]]
         report["cause"] = (f"work failed on {failed[0]['device']}: {failed[0]['error']}"
-                           if failed and len(visible) >= needed else likely_cause(report))
+                           if failed and (len(visible) >= needed or allow_cpu)
+                           else likely_cause(report))
         report["message"] = (f"GPU check failed: {len(visible)} of {needed} requested GPU(s) "
                              f"usable. Likely cause: {report['cause']}")
     return report
@@ -195,6 +321,8 @@ def render_text(report):
         f"cuDNN {tf_view.get('cudnn_version')})",
         f"  TensorFlow GPUs       {', '.join(tf_view.get('gpus') or []) or 'none'}",
     ]
+    if tf_view.get("memory_growth"):
+        lines.append(f"  memory growth         {tf_view['memory_growth']}")
     if nvml is None:
         lines.append("  NVML                  not available (no NVIDIA driver or nvidia-ml-py)")
     else:
@@ -207,6 +335,10 @@ def render_text(report):
     for op in report["ops"]:
         lines.append(f"  test op on {op['device']:<10} "
                      + (f"ok in {op['ms']} ms" if op["ok"] else f"FAILED: {op['error']}"))
+    probe = report.get("probe")
+    if probe:
+        lines.append(f"  probed in             a child process, {probe['seconds']} s"
+                     + (f" ({probe['error']})" if probe.get("error") else ""))
     return "\n".join(lines)
 
 
@@ -224,6 +356,24 @@ def verify_gpus(gpus_requested=1, allow_cpu=False):
     return report
 
 
+def _crash(code, err):
+    """One line for a probe process that ended without its report."""
+    if code is not None and code < 0:
+        try:
+            how = "was killed by " + signal.Signals(-code).name
+        except ValueError:
+            how = "was killed by signal " + str(-code)
+    else:
+        how = "exited with code " + str(code) + " before its report"
+    lines = [ln.strip() for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return "the TensorFlow probe process " + how + (": " + lines[-1][:300] if lines else "")
+
+
+def _first_line(text):
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 def _as_count(value):
     try:
         return max(0, int(value))
@@ -237,4 +387,3 @@ def _cuda_version(number):
 
 def _text(value):
     return value.decode() if isinstance(value, bytes) else value
-

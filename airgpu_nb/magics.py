@@ -1,5 +1,6 @@
-"""``%airgpu`` line magic and ``%%airgpu profile`` cell magic: parse, dispatch to the core API,
-show the result. An ``AirgpuError`` becomes a one-line ``UsageError`` here and nowhere else.
+"""``%airgpu`` line magic and ``%%airgpu profile`` cell magic: parse, dispatch to the core API
+(GPU probe and selection in ``gpu``, the profiler in ``profile``), show the result, load and
+unload. An ``AirgpuError`` becomes a one-line ``UsageError`` here and nowhere else.
 
 Importing this module imports neither TensorFlow nor Airflow: ``%airgpu use`` must run before
 TensorFlow initialises, and loading the extension should be instant.
@@ -8,7 +9,6 @@ TensorFlow initialises, and loading the extension should be instant.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import html
 import os
@@ -24,6 +24,7 @@ from IPython.display import display
 
 from .cli import _gpus, _Parser, add_promote_options, add_run_options, promote_options
 from .errors import AirgpuError
+from .settings import split_parameters
 
 SUBCOMMANDS = ("status", "use", "verify", "promote", "run", "panel")
 CELL_SUBCOMMANDS = ("profile",)
@@ -171,7 +172,10 @@ class AirgpuMagics(Magics):
         if command not in SUBCOMMANDS + CELL_SUBCOMMANDS:
             raise _unknown(command)
         try:
+            words, parameters = split_parameters(words)
             args = build_parser().parse_args(words)
+            if parameters is not None:
+                args.parameters = parameters
         except _HelpShown:
             return
         except AirgpuError as exc:
@@ -183,16 +187,24 @@ class AirgpuMagics(Magics):
                 getattr(self, f"_{command}")(args)
         except AirgpuError as exc:
             raise UsageError(str(exc)) from None
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # never a traceback from %airgpu: one line, as in the CLI
+            first = " ".join(str(exc).split()) or "(no message)"
+            raise UsageError(f"unexpected {type(exc).__name__}: {first} (a bug in airgpu-nb; "
+                             "please report it)") from None
 
     # -- subcommands -------------------------------------------------------------------------
 
     def _status(self, args: argparse.Namespace) -> None:
-        from .gpu import render_status, status
+        from .gpu import render_status, status, status_html
 
         info = status(include_tensorflow=args.tensorflow)
         display({"text/html": status_html(info), "text/plain": render_status(info)}, raw=True)
 
     def _use(self, args: argparse.Namespace) -> None:
+        from .gpu import use_gpus
+
         message = use_gpus(args.ids, args.memory_growth, args.memory_limit)
         print(message)
 
@@ -210,7 +222,7 @@ class AirgpuMagics(Magics):
         from .promote import promote
 
         notebook = self.notebook_path(args.notebook)
-        result = promote(notebook, dags_dir=args.dags_dir, **promote_options(args))
+        result = promote(notebook, **promote_options(args))
         result.write(force=args.force)
         check = check_dag_import(result.dag_file, result.spec.dag_id)
         display(render_promotion(result, check, self.stale_warning(notebook)), raw=True)
@@ -236,7 +248,8 @@ class AirgpuMagics(Magics):
         from .widgets import PromotionPanel
 
         notebook = self.notebook_path(args.notebook)
-        panel = PromotionPanel(notebook, dags_dir=args.dags_dir, options=promote_options(args),
+        options = promote_options(args)
+        panel = PromotionPanel(notebook, dags_dir=options.pop("dags_dir", None), options=options,
                                force=args.force, warning_for=self.stale_warning)
         self.panels.append(panel)
         display(panel.widget)
@@ -245,6 +258,8 @@ class AirgpuMagics(Magics):
     def _profile(self, args: argparse.Namespace, cell: str) -> None:
         if args.interval <= 0:
             raise UsageError("--interval must be a positive number of seconds")
+        from .profile import profile_cell
+
         self.last_profile = profile_cell(self.shell, cell, args.interval)
 
     # -- the notebook this kernel belongs to -------------------------------------------------
@@ -306,209 +321,6 @@ def _link(path: Path, label: str) -> dict[str, str]:
     href = html.escape(relative, quote=True)
     return {"text/plain": text, "text/html": f"<p>{html.escape(label)}: <a href='{href}' "
             f"target='_blank'>{html.escape(str(path))}</a></p>"}
-
-
-# -- status and use, kept here because only the magics need them ------------------------------
-
-def status_html(info: dict[str, Any]) -> str:
-    """``gpu.status()`` as tables; every absent piece is said in words, not left blank."""
-    e = html.escape
-    nvml = info["nvml"]
-    out = ["<div class='airgpu-status'>"]
-    if nvml is None:
-        out.append("<p><b>No NVIDIA GPU visible:</b> NVML is not available (no NVIDIA driver "
-                   "here, or nvidia-ml-py is missing).</p>")
-    else:
-        out.append(f"<p>NVIDIA driver {e(str(nvml['driver_version']))} (CUDA "
-                   f"{e(str(nvml['cuda_driver_version']))}), {len(nvml['devices'])} GPU(s)</p>")
-        rows = []
-        for d in nvml["devices"]:
-            util = "n/a" if d["utilization_pct"] is None else f"{d['utilization_pct']}%"
-            mig = {True: "on", False: "off", None: "n/a"}[d["mig_mode"]]
-            rows.append("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in (
-                d["index"], d["name"], d["uuid"],
-                f"{d['memory_used_mb']} / {d['memory_total_mb']} MiB", util, mig)) + "</tr>")
-            rows.extend(f"<tr><td></td><td>MIG slice</td><td>{e(m['uuid'])}</td>"
-                        f"<td>{m['memory_total_mb']} MiB</td><td></td><td></td></tr>"
-                        for m in d["mig_devices"])
-        out.append("<table><thead><tr><th>index</th><th>name</th><th>UUID</th><th>memory used"
-                   "/total</th><th>utilisation</th><th>MIG mode</th></tr></thead><tbody>"
-                   + "".join(rows) + "</tbody></table>")
-    tf_view = info.get("tensorflow")
-    if tf_view is None:
-        out.append("<p>TensorFlow: not checked.</p>")
-    elif tf_view["version"] is None:
-        out.append("<p>TensorFlow: not installed in this kernel's environment.</p>")
-    else:
-        gpus = ", ".join(tf_view["gpus"]) or "none"
-        out.append("<table><tbody>" + "".join(
-            f"<tr><th style='text-align:left'>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in (
-                ("TensorFlow", tf_view["version"]),
-                ("built with CUDA", tf_view["built_with_cuda"]),
-                ("CUDA / cuDNN", f"{tf_view.get('cuda_version') or 'n/a'} / "
-                                 f"{tf_view.get('cudnn_version') or 'n/a'}"),
-                ("GPUs TensorFlow sees", gpus))) + "</tbody></table>")
-    visible = info["cuda_visible_devices"]
-    out.append(f"<p>CUDA_VISIBLE_DEVICES: <code>{e(visible)}</code></p>" if visible is not None
-               else "<p>CUDA_VISIBLE_DEVICES: not set (every GPU is visible)</p>")
-    out.append("</div>")
-    return "".join(out)
-
-
-def tensorflow_initialised() -> bool:
-    """Whether TensorFlow in this process has created its runtime context (devices fixed).
-
-    ``list_physical_devices`` does not count: visible devices can still change after it.
-    """
-    if "tensorflow" not in sys.modules:
-        return False
-    try:
-        from tensorflow.python.eager import context
-    except ImportError:  # pragma: no cover - a TensorFlow without the eager module
-        return False
-    ctx = context.context()
-    flag = getattr(ctx, "_initialized", None)
-    return bool(flag) if flag is not None else getattr(ctx, "_context_handle", None) is not None
-
-
-def use_gpus(ids: str, memory_growth: bool = False, memory_limit_mb: int | None = None) -> str:
-    """Pick GPUs for this kernel. Only the environment changes unless TensorFlow is already
-    imported or a memory limit needs its API, so TensorFlow is not imported needlessly."""
-    wanted = [part.strip() for part in ids.split(",") if part.strip()]
-    hide = [w.lower() for w in wanted] in (["none"], ["-1"])
-    for part in [] if hide else wanted:
-        if not (part.isdigit() or part.startswith(("GPU-", "MIG-"))):
-            raise AirgpuError(f"invalid GPU id {part!r}: use indices (0,1), UUIDs (GPU-..., "
-                              "MIG-...) or 'none'")
-    if not wanted:
-        raise AirgpuError("give GPU ids, e.g. %airgpu use 0 or %airgpu use 0,1")
-    if memory_limit_mb is not None and memory_limit_mb <= 0:
-        raise AirgpuError("--memory-limit takes a positive number of MiB")
-    if tensorflow_initialised():
-        raise AirgpuError("TensorFlow has already initialised its GPUs in this kernel; restart "
-                          "the kernel and run %airgpu use before anything that uses TensorFlow")
-    visible = "-1" if hide else ",".join(wanted)
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    if memory_growth:
-        os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-    else:
-        os.environ.pop("TF_FORCE_GPU_ALLOW_GROWTH", None)
-    said = f"CUDA_VISIBLE_DEVICES={visible}"
-    if "tensorflow" not in sys.modules and memory_limit_mb is None:
-        growth = "; memory growth on" if memory_growth else ""
-        return f"{said}{growth} (TensorFlow not imported yet: it will start with these GPUs)"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    chosen = gpus
-    if hide:
-        chosen = []
-    elif len(gpus) > len(wanted) and all(w.isdigit() for w in wanted):
-        # CUDA was initialised before the variable changed, so it still lists every GPU.
-        chosen = [gpus[int(w)] for w in wanted if int(w) < len(gpus)]
-    tf.config.set_visible_devices(chosen, "GPU")
-    for gpu in chosen:
-        if memory_growth:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        elif memory_limit_mb is not None:
-            tf.config.set_logical_device_configuration(
-                gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=memory_limit_mb)])
-    names = ", ".join(g.name for g in chosen) or "none (TensorFlow sees no GPU here)"
-    extra = ("; memory growth on" if memory_growth else
-             f"; memory limit {memory_limit_mb} MiB per GPU" if memory_limit_mb else "")
-    return f"{said}; TensorFlow GPUs: {names}{extra}"
-
-
-# -- %%airgpu profile --------------------------------------------------------------------------
-
-def profile_cell(shell: Any, cell: str, interval_s: float) -> dict[str, Any]:
-    """Run ``cell`` in the user's namespace while the shared telemetry sampler watches this
-    kernel and the GPUs; show the summary and a small timeline, return the summary."""
-    try:
-        from .telemetry import Sampler, summarise
-    except ImportError:
-        raise AirgpuError("the sampler (airgpu_nb.telemetry) is not available in this "
-                          "installation") from None
-    sampler = Sampler(interval_s=interval_s, pid=os.getpid())
-    sampler.start()
-    start = time.perf_counter()
-    try:
-        outcome = shell.run_cell(cell, store_history=False)
-    finally:
-        samples = sampler.stop()
-    wall = time.perf_counter() - start
-    summary = dict(summarise(samples, interval_s, duration_s=wall))
-    summary["wall_s"] = round(wall, 3)
-    summary["gpu_available"] = bool(sampler.gpu_available)
-    summary["gpu_util_peak"] = max((g["util_pct"] for s in samples for g in s.get("gpus") or []
-                                    if g.get("util_pct") is not None), default=None)
-    summary["cell_failed"] = not outcome.success
-    bundle = profile_bundle(summary)
-    png = profile_plot(samples)
-    if png is not None:
-        bundle["image/png"] = base64.b64encode(png).decode("ascii")
-    display(bundle, raw=True)
-    return summary
-
-
-def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}{unit}" if isinstance(value, float) else f"{value}{unit}"
-
-
-def profile_bundle(summary: dict[str, Any]) -> dict[str, str]:
-    """The profile summary as text and HTML; without a GPU it says so instead of zeros."""
-    rows = [("wall time", _fmt(summary["wall_s"], " s", 2))]
-    if summary["gpu_available"]:
-        rows += [("GPU utilisation mean / p95 / peak",
-                  f"{_fmt(summary.get('gpu_util_mean'), '%')} / "
-                  f"{_fmt(summary.get('gpu_util_p95'), '%')} / "
-                  f"{_fmt(summary.get('gpu_util_peak'), '%')}"),
-                 ("GPU memory peak", _fmt(summary.get("gpu_mem_peak_mb"), " MiB", 0)),
-                 ("GPU-seconds held", _fmt(summary.get("gpu_seconds"), " s", 2)),
-                 ("GPU idle fraction", _fmt(summary.get("idle_fraction"), "", 2))]
-    else:
-        rows.append(("GPU", "no GPU: NVML sees no NVIDIA GPU here, so only CPU and memory "
-                            "were sampled"))
-    rows += [("kernel CPU mean / peak", f"{_fmt(summary.get('cpu_pct_mean'), '%')} / "
-                                        f"{_fmt(summary.get('cpu_pct_peak'), '%')}"),
-             ("kernel memory peak (RSS)", _fmt(summary.get("rss_peak_mb"), " MiB", 0))]
-    if summary.get("cell_failed"):
-        rows.append(("cell", "raised an error (shown above); the profile covers the run up to it"))
-    text = "airgpu profile\n" + "\n".join(f"  {k:<34} {v}" for k, v in rows)
-    table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                    f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
-    return {"text/plain": text, "text/html": f"<div class='airgpu-profile'><b>airgpu profile"
-            f"</b><table><tbody>{table}</tbody></table></div>"}
-
-
-def profile_plot(samples: list[dict[str, Any]]) -> bytes | None:
-    """A small PNG timeline (GPU utilisation and memory, kernel CPU), or None when there are
-    too few samples to draw a line. Uses Figure directly: no pyplot state in the user's kernel."""
-    if len(samples) < 2:
-        return None
-    import io
-
-    from matplotlib.figure import Figure
-
-    t0 = samples[0]["t"]
-    times = [s["t"] - t0 for s in samples]
-    fig = Figure(figsize=(6, 2.2), dpi=80)
-    ax = fig.add_subplot()
-    ax.plot(times, [s.get("cpu_pct") or 0 for s in samples], label="kernel CPU %", color="grey")
-    indices = sorted({g["index"] for s in samples for g in s.get("gpus") or []})
-    for index in indices:
-        util = [next((g.get("util_pct") or 0 for g in s.get("gpus") or []
-                      if g["index"] == index), 0) for s in samples]
-        ax.plot(times, util, label=f"GPU {index} util %")
-    ax.set_xlabel("seconds")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 # -- extension entry points ---------------------------------------------------------------------

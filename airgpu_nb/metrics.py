@@ -129,15 +129,28 @@ def write_textfile(telemetry: Mapping[str, Any], path: str | os.PathLike[str],
 
 def push(telemetry: Mapping[str, Any], labels: Mapping[str, str], url: str) -> bool:
     """Push to a Pushgateway, grouped by DAG and task so the gateway keeps each task's latest
-    run rather than one group per run forever. A failure is a warning, never a failed task."""
+    run rather than one group per run forever. A failure is a warning, never a failed task.
+
+    ``user:password@`` in ``url`` becomes HTTP basic auth; the URL is logged without it.
+    """
     from prometheus_client import push_to_gateway
+    from prometheus_client.exposition import basic_auth_handler, default_handler
+
+    from .urls import credentials, redact_url, scrub, split_secrets
 
     grouping = {name: str(labels.get(name, "")) for name in ("dag", "task")}
+    login = credentials(url)
+    handler = default_handler
+    if login is not None:
+        def handler(**request: Any) -> Any:
+            return basic_auth_handler(**request, username=login[0], password=login[1])
     try:
-        push_to_gateway(url, job=PUSH_JOB, registry=build_registry(telemetry, labels),
-                        grouping_key=grouping, timeout=PUSH_TIMEOUT_S)
+        push_to_gateway(split_secrets(url).bare, job=PUSH_JOB,
+                        registry=build_registry(telemetry, labels), grouping_key=grouping,
+                        timeout=PUSH_TIMEOUT_S, handler=handler)
     except Exception as exc:
-        log.warning("airgpu: could not push metrics to the Pushgateway at %s: %s", url, exc)
+        log.warning("airgpu: could not push metrics to the Pushgateway at %s: %s",
+                    redact_url(url), scrub(f"{type(exc).__name__}: {exc}", url))
         return False
     return True
 

@@ -1,6 +1,6 @@
 """The promotion core: notebook in, (prepared notebook, DAG source) out, then one atomic write.
 
-    notebook --read--> NotebookNode --build_spec--> PromotionSpec
+    notebook --read--> NotebookNode --layers (settings table)--> PromotionSpec
     (nb, spec) --prepare--> prepared notebook     spec --render--> DAG source
     promote() = all of that in memory -> PromotionResult -> write() to disk
 
@@ -11,130 +11,181 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nbformat import NotebookNode
 
+from . import settings as table
 from .errors import SpecError, WriteError
-from .inject import METADATA_KEY, prepare
-from .notebook import atomic_write, kernel_name, notebook_bytes, parameter_defaults, read_notebook
-from .render import checksum_status, prepared_name, render_dag
-from .spec import (
-    GpuRequest,
-    PromotionSpec,
-    normalise_schedule,
-    parse_gpus,
-    safe_dag_id,
+from .inject import prepare
+from .keys import METADATA_KEY
+from .notebook import (
+    MAX_NOTEBOOK_BYTES,
+    kernel_name,
+    notebook_bytes,
+    parameters_cell,
+    read_notebook,
+    read_text_file,
 )
+from .render import checksum_status, prepared_name, render_dag
+from .spec import GpuRequest, PromotionSpec, safe_dag_id
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# Settings a user may give in [tool.airgpu], in notebook metadata or as explicit options.
-SETTING_NAMES = frozenset({
-    "dag_id", "target", "schedule", "start_date", "catchup", "retries", "retry_delay_s",
-    "execution_timeout_s", "tags", "parameters", "gpus", "mig", "allow_cpu", "kernel",
-    "output_dir", "image", "telemetry", "options", "dags_dir",
-})
+DAGS_DIR_ENV = "AIRGPU_DAGS_DIR"
+#: Keys a notebook's ``metadata.airgpu`` holds besides settings (written by promote and runs).
+_NOT_SETTINGS = frozenset({"generated_by", "source_notebook", "telemetry", "checksum",
+                           "settings", "notes"})
+_CONTAINER_TARGETS = frozenset({"docker", "kubernetes"})
 
+
+# -- layers ---------------------------------------------------------------------------------------
 
 def find_pyproject_settings(start: Path) -> dict[str, Any]:
-    """``[tool.airgpu]`` of the nearest pyproject.toml at or above ``start``."""
+    """``[tool.airgpu]`` of the nearest pyproject.toml at or above ``start``, type-checked."""
     for folder in [start, *start.parents]:
         candidate = folder / "pyproject.toml"
         if candidate.is_file():
+            shown = _display_path(candidate)
+            text = read_text_file(candidate, "pyproject.toml", 4 * 2**20, SpecError)
             try:
-                data = tomllib.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise SpecError(f"cannot read {candidate}: {exc}") from None
-            settings = data.get("tool", {}).get("airgpu", {})
-            _check_names(settings, f"[tool.airgpu] in {candidate}")
-            return dict(settings)
+                data = tomllib.loads(text)
+            except (tomllib.TOMLDecodeError, RecursionError) as exc:
+                raise SpecError(f"cannot read {shown}: {_one_line(exc)}") from None
+            tool = data.get("tool", {})
+            if not isinstance(tool, Mapping):
+                raise SpecError(f"{shown} [tool]: expected a table, got {tool!r}"[:200])
+            return table.parse_layer(tool.get("airgpu", {}), f"{shown} [tool.airgpu]")
     return {}
 
 
-def _check_names(settings: Mapping[str, Any], where: str) -> None:
-    unknown = set(settings) - SETTING_NAMES
-    if unknown:
-        raise SpecError(f"unknown setting(s) {', '.join(sorted(unknown))} in {where}; valid: "
-                        f"{', '.join(sorted(SETTING_NAMES))}")
+def notebook_settings(nb: NotebookNode, path: Path) -> dict[str, Any]:
+    """The settings a notebook's ``metadata.airgpu`` records (a prepared copy records those it
+    was made with), type-checked. A notebook never chooses where files are written."""
+    namespace = nb.metadata.get(METADATA_KEY)
+    if namespace is None:
+        return {}
+    layer = f"{path.name} metadata.{METADATA_KEY}"
+    if not isinstance(namespace, Mapping):
+        raise SpecError(f"{layer}: expected a table of settings, got {namespace!r}"[:200])
+    if "settings" in namespace:
+        return table.parse_layer(namespace["settings"], f"{layer}.settings", from_notebook=True)
+    own = {k: v for k, v in namespace.items() if k not in _NOT_SETTINGS}
+    return table.parse_layer(own, layer, from_notebook=True)
 
 
-def merged_settings(nb: NotebookNode, notebook_path: Path,
-                    explicit: Mapping[str, Any]) -> dict[str, Any]:
-    """defaults < [tool.airgpu] < the notebook's metadata.airgpu < explicit options."""
-    _check_names(explicit, "options")
-    recorded = nb.metadata.get(METADATA_KEY, {})
-    recorded = recorded.get("settings", recorded) if isinstance(recorded, Mapping) else {}
-    _check_names(recorded, f"metadata.{METADATA_KEY} of {notebook_path.name}")
-    layers = [find_pyproject_settings(notebook_path.resolve().parent), dict(recorded),
-              {k: v for k, v in explicit.items() if v is not None}]
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key in ("parameters", "options"):
-                merged[key] = {**merged.get(key, {}), **dict(value or {})}
-            else:
-                merged[key] = value
-    return merged
+def layered_settings(nb: NotebookNode, path: Path,
+                     explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """defaults < [tool.airgpu] < the notebook's metadata.airgpu < explicit options.
 
-
-def build_spec(nb: NotebookNode, notebook_path: str | os.PathLike[str],
-               explicit: Mapping[str, Any] | None = None) -> PromotionSpec:
-    """A validated spec from the notebook and the layered settings."""
-    path = Path(notebook_path)
-    return spec_from_settings(nb, path, merged_settings(nb, path, explicit or {}))
+    A file layer is shared by many notebooks, so what it says that the chosen target cannot use
+    is left out; an explicit option the target cannot use is an error.
+    """
+    given = table.parse_layer({k: v for k, v in explicit.items() if v is not None}, "option")
+    files = [find_pyproject_settings(path.resolve().parent), notebook_settings(nb, path)]
+    target = table.merge(*files, given).get("target", "local")
+    table.row("target").parse(target, "target")
+    table.check_targets(given, target)
+    return table.merge(*(table.applicable(layer, target) for layer in files), given)
 
 
 def spec_from_settings(nb: NotebookNode, path: Path, s: Mapping[str, Any]) -> PromotionSpec:
-    parameters = {k: v for k, v in parameter_defaults(nb).items()
-                  if v is None or isinstance(v, (str, int, float, bool))}
-    parameters.update(s.get("parameters", {}))
-    tags = s.get("tags", ["airgpu"])
-    if isinstance(tags, str):
-        tags = [tags]
-    gpu = GpuRequest(count=parse_gpus(s.get("gpus", 1)), mig=s.get("mig"))
+    """A validated spec from layered settings (and the parameters cell's literal defaults)."""
+    defaults = {k: v for k, v in parameters_cell(nb).defaults.items()
+                if v is None or isinstance(v, (str, int, float, bool))}
     fields: dict[str, Any] = {
         "dag_id": s.get("dag_id") or safe_dag_id(path.stem),
         "notebook_name": path.name,
         "source": _display_path(path),
-        "target": s.get("target", "local"),
-        "schedule": normalise_schedule(s.get("schedule")),
-        "tags": tuple(tags),
-        "parameters": tuple(parameters.items()),
-        "gpu": gpu,
-        "allow_cpu": bool(s.get("allow_cpu", False)),
+        "parameters": tuple({**defaults, **s.get("parameters", {})}.items()),
+        "gpu": GpuRequest(count=s.get("gpus", 1), mig=s.get("mig")),
         "kernel": s.get("kernel") or kernel_name(nb),
-        "output_dir": s.get("output_dir"),
-        "image": s.get("image"),
-        "telemetry": bool(s.get("telemetry", True)),
-        "options": tuple(sorted((s.get("options") or {}).items())),
+        "options": tuple(sorted((k, _frozen(v)) for k, v in s.items()
+                                if k in table.OPTION_NAMES)),
     }
-    for name in ("start_date", "catchup", "retries", "retry_delay_s", "execution_timeout_s"):
-        if name in s:
-            fields[name] = s[name]
-    spec = PromotionSpec(**fields)
-    from .targets import get_target
-
-    get_target(spec.target).validate(spec)
-    return spec
+    for row in table.SETTINGS:
+        if row.in_spec and not row.option and row.name not in fields and row.name not in (
+                "gpus", "mig") and row.name in s:
+            fields[row.name] = tuple(s[row.name]) if row.repeat else s[row.name]
+    return PromotionSpec(**fields)
 
 
-def _display_path(path: Path) -> str:
-    """The notebook path for documentation: relative to the working directory when inside it,
-    so generated files carry no machine-specific paths."""
+def _frozen(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# -- checks that need the notebook and this machine -----------------------------------------------
+
+def check_parameters(nb: NotebookNode, path: Path, given: Mapping[str, Any],
+                     allow_new: bool) -> None:
+    """Parameters must land somewhere: a ``parameters`` cell that parses and sets each name
+    (papermill would otherwise inject them and warn only at run time)."""
+    cell = parameters_cell(nb)
+    if cell.error is not None:
+        raise SpecError(f"the parameters cell of {path.name} (cell {cell.index + 1}) does not "
+                        f"parse ({cell.error}); fix it so papermill can override it")
+    if not given or allow_new:
+        return
+    names = ", ".join(f"-p {n}" for n in given)
+    if cell.index is None:
+        raise SpecError(f"{path.name} has no cell tagged 'parameters', so {names} has nowhere "
+                        "to go: tag the cell that sets the defaults 'parameters' (Jupyter: "
+                        "Property Inspector > Cell Tags), or pass --allow-new-parameters")
+    missing = [n for n in given if n not in cell.names]
+    if missing:
+        sets = ", ".join(cell.names) or "nothing"
+        raise SpecError(f"parameter {missing[0]!r} is not set in the parameters cell of "
+                        f"{path.name} (it sets: {sets}); add `{missing[0]} = ...` there, or "
+                        "pass --allow-new-parameters")
+
+
+def resolve_kernel(nb: NotebookNode, spec: PromotionSpec, explicit: bool) -> tuple[str, str | None]:
+    """The kernel the run will use, and a note when it is not the notebook's own.
+
+    Container images ship ``python3``. Elsewhere, a kernel that is not installed here is an
+    error when the user named it, and a Python notebook's conda/venv kernel runs as ``python3``.
+    """
+    wanted = spec.kernel
+    if spec.target in _CONTAINER_TARGETS:
+        if explicit or wanted == "python3":
+            return wanted, None
+        return "python3", (f"the notebook's kernel {wanted!r} is replaced by python3, the "
+                           "runtime image's kernel (choose another with --kernel NAME)")
+    installed = installed_kernels()
+    if installed is None or wanted in installed:
+        return wanted, None
+    choices = ", ".join(sorted(installed)) or "none"
+    if explicit:
+        raise SpecError(f"kernel {wanted!r} is not installed here; installed kernels: {choices} "
+                        "(`jupyter kernelspec list`)")
+    if "python3" in installed:
+        return "python3", (f"the notebook's kernel {wanted!r} is not installed here; it will "
+                           "run with python3 (choose another with --kernel NAME)")
+    raise SpecError(f"the notebook's kernel {wanted!r} is not installed here and neither is "
+                    f"python3; installed kernels: {choices}; pass --kernel NAME")
+
+
+def installed_kernels() -> dict[str, str] | None:
+    """Kernelspec names here (None when jupyter_client cannot tell)."""
     try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.name
+        from jupyter_client.kernelspec import KernelSpecManager
 
+        return dict(KernelSpecManager().find_kernel_specs())
+    except Exception:
+        return None
+
+
+# -- the result and its atomic write -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PromotionResult:
@@ -145,6 +196,7 @@ class PromotionResult:
     dags_dir: Path
     notebook: NotebookNode
     dag_source: str
+    notes: tuple[str, ...] = field(default=())
 
     @property
     def dag_file(self) -> Path:
@@ -165,36 +217,102 @@ class PromotionResult:
             "gpus": self.spec.gpu.count,
             "mig": self.spec.gpu.mig,
             "allow_cpu": self.spec.allow_cpu,
+            "kernel": self.spec.kernel,
             "parameters": self.spec.params,
+            "advisories": list(self.notes),
             "trigger": f"airflow dags trigger {self.spec.dag_id}",
             "test": f"airflow dags test {self.spec.dag_id}",
         }
 
     def write(self, force: bool = False) -> PromotionResult:
-        """Write the prepared notebook, then the DAG, each atomically, under a lock on the dags dir.
+        """Write the prepared notebook and the DAG, all or nothing, under a lock on the dags dir.
 
-        The notebook goes first so the scheduler never sees a DAG whose notebook is missing. A
-        DAG file that was edited by hand since it was generated is kept unless ``force``.
+        Both files are staged first (a full disk or a failed write leaves nothing visible), then
+        renamed into place, the notebook first so the scheduler never sees a DAG whose notebook
+        is missing. Files airgpu-nb did not write, or that were edited since, are kept unless
+        ``force``.
         """
         _ensure_writable_dir(self.dags_dir)
+        for path in (self.notebook_file, self.dag_file):
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise WriteError(f"{path} exists and is not a regular file; remove it or choose "
+                                 "another --dag-id")
         if self.notebook_file.resolve() == self.source_path.resolve():
             raise WriteError(f"the prepared copy would overwrite the source notebook "
                              f"{self.source_path}; choose another --dag-id or --dags-dir")
         with _lock(self.dags_dir):
-            if self.dag_file.exists() and not force:
-                state = checksum_status(self.dag_file.read_text(encoding="utf-8"))
-                if state is False:
-                    raise WriteError(f"{self.dag_file} was edited by hand since it was "
-                                     "generated; use --force to overwrite it")
-                if state is None:
-                    raise WriteError(f"{self.dag_file} exists and was not generated by "
-                                     "airgpu-nb; use --force to overwrite it")
+            if not force:
+                _refuse_foreign_dag(self.dag_file)
+                _refuse_foreign_notebook(self.notebook_file)
+            staged = []
             try:
-                atomic_write(self.notebook_file, notebook_bytes(self.notebook))
-                atomic_write(self.dag_file, self.dag_source)
-            except PermissionError as exc:
-                raise WriteError(f"cannot write to {self.dags_dir}: {exc.strerror}") from None
+                staged.append(_stage(self.notebook_file, notebook_bytes(self.notebook)))
+                staged.append(_stage(self.dag_file, self.dag_source.encode("utf-8")))
+                os.replace(staged[0], self.notebook_file)
+                os.replace(staged[1], self.dag_file)
+            except OSError as exc:
+                raise WriteError(f"cannot write to {self.dags_dir}: "
+                                 f"{exc.strerror or exc}") from None
+            finally:
+                for tmp in staged:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
         return self
+
+
+def _refuse_foreign_dag(path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        text = read_text_file(path, "DAG file", 16 * 2**20, WriteError)
+    except WriteError:
+        text = ""
+    state = checksum_status(text) if text else None
+    if state is False:
+        raise WriteError(f"{path} was edited by hand since it was generated; use --force to "
+                         "overwrite it")
+    if state is None:
+        raise WriteError(f"{path} exists and was not generated by airgpu-nb; use --force to "
+                         "overwrite it")
+
+
+def _refuse_foreign_notebook(path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        data = json.loads(read_text_file(path, "notebook", MAX_NOTEBOOK_BYTES, WriteError))
+        recorded = data["metadata"][METADATA_KEY]["checksum"]
+        data["metadata"][METADATA_KEY].pop("checksum")
+    except (WriteError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise WriteError(f"{path} exists and was not written by airgpu-nb; use --force to "
+                         "overwrite it") from None
+    if recorded != notebook_checksum(data):
+        raise WriteError(f"{path} was edited since airgpu-nb wrote it; use --force to "
+                         "overwrite it")
+
+
+def notebook_checksum(data: Mapping[str, Any]) -> str:
+    """sha256 of a notebook's JSON (without its checksum), keys sorted: what it was written as."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True)
+                          .encode("ascii")).hexdigest()
+
+
+def _stage(path: Path, data: bytes) -> str:
+    """A hidden temporary file beside ``path`` holding ``data`` (not named *.py or *.ipynb)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _ensure_writable_dir(folder: Path) -> None:
@@ -224,17 +342,67 @@ def _lock(folder: Path) -> Iterator[None]:
 
 
 def default_dags_dir() -> Path:
-    return Path(os.environ.get("AIRGPU_DAGS_DIR") or "dags")
+    """``$AIRGPU_DAGS_DIR`` (checked like any other input), else ``./dags``."""
+    value = os.environ.get(DAGS_DIR_ENV)
+    if not value:
+        return Path("dags")
+    return Path(table.row("dags_dir").parse(value, f"environment {DAGS_DIR_ENV}"))
 
 
 def promote(notebook_path: str | os.PathLike[str], *,
             dags_dir: str | os.PathLike[str] | None = None, **options: Any) -> PromotionResult:
-    """Promote a notebook in memory. ``options`` are explicit settings (see ``SETTING_NAMES``);
-    ``None`` values mean "not given". Call ``.write()`` on the result to put it on disk."""
+    """Promote a notebook in memory. ``options`` are explicit settings (rows of
+    :data:`airgpu_nb.settings.SETTINGS`; ``None`` means "not given"). Call ``.write()`` on the
+    result to put it on disk.
+
+    Where files go is the caller's choice, never the notebook's: ``dags_dir`` (or the
+    ``dags_dir`` option), else ``$AIRGPU_DAGS_DIR``, else ``[tool.airgpu]``, else ``./dags``.
+    """
+    from .advice import advisories
+
     path = Path(notebook_path)
     nb = read_notebook(path)
-    settings = merged_settings(nb, path, options)
+    if dags_dir is not None:
+        options = {**options, "dags_dir": os.fspath(dags_dir)}
+    settings = layered_settings(nb, path, options)
+    check_parameters(nb, path, settings.get("parameters") or {},
+                     bool(settings.get("allow_new_parameters")))
     spec = spec_from_settings(nb, path, settings)
-    folder = Path(dags_dir or settings.get("dags_dir") or default_dags_dir())
+    kernel, kernel_note = resolve_kernel(nb, spec, explicit="kernel" in settings)
+    if kernel != spec.kernel:
+        spec = spec.replace(kernel=kernel)
+    folder = _choose_dags_dir(options, settings)
+    notes = tuple(n for n in (kernel_note, *advisories(nb)) if n)
     prepared = prepare(nb, spec)
-    return PromotionResult(spec, path, folder, prepared, render_dag(spec))
+    _record_checksum(prepared)
+    return PromotionResult(spec, path, folder, prepared, render_dag(spec), notes)
+
+
+def _choose_dags_dir(explicit: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:
+    if explicit.get("dags_dir"):
+        return Path(settings["dags_dir"])
+    if os.environ.get(DAGS_DIR_ENV):
+        return default_dags_dir()
+    return Path(settings.get("dags_dir") or "dags")
+
+
+def _record_checksum(nb: NotebookNode) -> None:
+    """Stamp the prepared copy so a later promotion can tell it was not edited since."""
+    data = json.loads(notebook_bytes(nb))
+    data["metadata"][METADATA_KEY].pop("checksum", None)
+    nb.metadata[METADATA_KEY]["checksum"] = notebook_checksum(data)
+
+
+def _display_path(path: Path) -> str:
+    """A path for documentation: relative to the working directory when inside it, so
+    generated files carry no machine-specific paths."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+

@@ -56,32 +56,41 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def regenerate_command(spec: PromotionSpec) -> str:
-    """The CLI line that reproduces this DAG (documentation in the header, not code)."""
-    parts = ["airgpu", "promote", spec.source or spec.notebook_name, "--dag-id", spec.dag_id,
-             "--target", spec.target]
-    if spec.schedule:
-        parts += ["--schedule", spec.schedule]
-    parts += ["--gpus", str(spec.gpu.count)] if spec.gpu.mig is None else ["--mig", spec.gpu.mig]
-    if spec.allow_cpu:
-        parts.append("--allow-cpu")
-    if spec.image:
-        parts += ["--image", spec.image]
-    parts += _option_flags(spec)
-    return " ".join(shlex.quote(p) for p in parts)
+def regenerate_command(spec: PromotionSpec, width: int = 92) -> list[str]:
+    """The shell command that reproduces this DAG, as lines joined by `` \\`` (documentation in
+    the header, not code): every setting of the spec, so settings in files cannot change what
+    it writes. Run it from the folder you promoted in, adding ``--dags-dir``."""
+    from .settings import regenerate_argv
+
+    words = [shell_word(w) for w in ("airgpu", "promote", spec.source or spec.notebook_name,
+                                     *regenerate_argv(spec.settings(), spec.target))]
+    lines = [words[0]]
+    for word in words[1:]:
+        if word.startswith("-") and len(lines[-1]) + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] += " " + word
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
 
 
-def _option_flags(spec: PromotionSpec) -> list[str]:
-    """Target options as the promote flags that set them (repeatable ones repeated)."""
-    from .targets._container import flag
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
-    parts: list[str] = []
-    for name, value in spec.options:
-        items = ([f"{k}={v}" for k, v in value.items()] if isinstance(value, dict)
-                 else list(value) if isinstance(value, (list, tuple)) else [value])
-        for item in items:
-            parts += [flag(name), str(item)]
-    return parts
+
+def shell_word(text: str) -> str:
+    """``text`` quoted for a POSIX shell on ONE line: control characters and every character
+    ``str.splitlines`` breaks on become bash ``$'...'`` escapes, so the header comment keeps the
+    exact value."""
+    if not any(ch in _LINE_BREAKS or ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return shlex.quote(text)
+    out = []
+    for ch in text:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif ch in _LINE_BREAKS or ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 128 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "$'" + "".join(out) + "'"
 
 
 def common_context(spec: PromotionSpec) -> dict[str, Any]:
@@ -125,8 +134,7 @@ def prepared_name(spec: PromotionSpec) -> str:
 def render_dag(spec: PromotionSpec) -> str:
     """The DAG file's text for ``spec``, checksummed so later hand edits can be detected."""
     target = get_target(spec.target)
-    target.validate(spec)
-    context = {**common_context(spec), **target.context(spec)}
+    context = {**common_context(spec), **target.context(spec)}  # the target's checks, once
     body = _environment().get_template(target.template).render(context)
     try:
         ast.parse(body, filename=f"{spec.dag_id}.py")

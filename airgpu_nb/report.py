@@ -3,15 +3,19 @@ or a PNG timeline. Reads only what the ``airgpu`` engine wrote into the notebook
 
 from __future__ import annotations
 
+import io
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import NotebookError
+from .keys import METADATA_KEY, first_line
 from .telemetry import summarise
 
-METADATA_KEY = "airgpu"
+#: ``airgpu report --png``: a full-width figure, 1000 x 550 pixels.
+REPORT_SIZE = (10.0, 5.5)
+REPORT_DPI = 100
 
 
 def load(path: str | os.PathLike[str]) -> tuple[Any, dict]:
@@ -28,8 +32,6 @@ def load(path: str | os.PathLike[str]) -> tuple[Any, dict]:
 
 def build(nb: Any, telemetry: Mapping[str, Any]) -> dict:
     """The report as data: run summary plus one row per code cell that ran."""
-    from .engine import first_line
-
     interval = float(telemetry.get("interval_s") or 1.0)
     summary = telemetry.get("summary") or summarise(telemetry["samples"], interval)
     cells = []
@@ -89,17 +91,27 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.0f} %"
 
 
-def plot(report: Mapping[str, Any], samples: list[dict], png: str | os.PathLike[str],
-         title: str = "") -> Path:
-    """GPU utilisation and memory over time (CPU and RSS when there was no GPU), with a line
-    where each cell started. Agg backend: works on a headless worker."""
-    import matplotlib
+def cell_marks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Where each cell of ``build()``'s report started, labelled ``[In]`` (or ``#index``)."""
+    return [{"t": row["start_s"],
+             "label": f"[{row['execution_count']}]" if row["execution_count"]
+             else f"#{row['index']}"}
+            for row in report["cells"] if row.get("start_s") is not None]
 
-    matplotlib.use("Agg", force=False)
+
+def plot(samples: Sequence[Mapping[str, Any]], marks: Sequence[Mapping[str, Any]] = (), *,
+         title: str = "", xlabel: str = "seconds since the first cell started",
+         size: tuple[float, float] = REPORT_SIZE, dpi: int = REPORT_DPI) -> bytes:
+    """GPU utilisation and memory over time (CPU and RSS when there was no GPU), with a dashed
+    line at each mark (``{"t": seconds, "label": text}``), as PNG bytes.
+
+    One drawing for `airgpu report --png` and `%%airgpu profile`. ``Figure`` directly, never
+    pyplot: no backend switch or global state in a user's kernel, and it works headless.
+    """
     from matplotlib.figure import Figure
 
     times = [s["t"] for s in samples]
-    fig = Figure(figsize=(10, 5.5), layout="constrained")
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True)
     devices = sorted({(g["index"], g["uuid"]) for s in samples for g in s.get("gpus") or ()})
     if devices:
@@ -111,9 +123,9 @@ def plot(report: Mapping[str, Any], samples: list[dict], png: str | os.PathLike[
             mem = [float("nan") if r is None else r.get("mem_used_mb", 0.0) for r in rows]
             top.plot(times, util, label=label)
             bottom.plot(times, mem, label=label)
-        top.set_ylabel("GPU utilisation (%)")
+        top.set_ylabel("GPU util (%)")
         top.set_ylim(0, 105)
-        bottom.set_ylabel("GPU memory used (MiB)")
+        bottom.set_ylabel("GPU memory (MiB)")
     else:
         top.plot(times, [s.get("cpu_pct", 0.0) for s in samples], label="CPU", color="tab:red")
         top.set_ylabel("CPU (% of one core)")
@@ -121,25 +133,21 @@ def plot(report: Mapping[str, Any], samples: list[dict], png: str | os.PathLike[
                     color="tab:purple")
         bottom.set_ylabel("memory RSS (MiB)")
         title = f"{title} (no GPU data: CPU shown)".strip()
-    for row in report["cells"]:
-        if row.get("start_s") is None:
-            continue
+    for mark in marks:
         for axis in (top, bottom):
-            axis.axvline(row["start_s"], color="0.6", linewidth=0.8, linestyle="--")
-        count = row["execution_count"]
-        top.annotate(f"[{count}]" if count else f"#{row['index']}", (row["start_s"], 1.0),
+            axis.axvline(mark["t"], color="0.6", linewidth=0.8, linestyle="--")
+        top.annotate(str(mark.get("label", "")), (mark["t"], 1.0),
                      xycoords=("data", "axes fraction"), fontsize=7, color="0.35",
                      xytext=(2, -10), textcoords="offset points")
-    bottom.set_xlabel("seconds since the first cell started")
+    bottom.set_xlabel(xlabel)
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(loc="upper right", fontsize=8)
     fig.suptitle(title or "airgpu telemetry")
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    return png
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def _reading(sample: Mapping[str, Any], index: int, uuid: str) -> Mapping[str, Any] | None:
@@ -153,5 +161,9 @@ def report(path: str | os.PathLike[str], png: str | os.PathLike[str] | None = No
     result = build(nb, telemetry)
     result["notebook"] = str(path)
     if png is not None:
-        result["png"] = str(plot(result, telemetry["samples"], png, title=Path(path).name))
+        image = plot(telemetry["samples"], cell_marks(result), title=Path(path).name)
+        target = Path(png)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(image)
+        result["png"] = str(target)
     return result

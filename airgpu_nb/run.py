@@ -4,14 +4,17 @@ every DAG task, so all of them name and keep executed notebooks the same way."""
 from __future__ import annotations
 
 import datetime as dt
+import keyword
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .errors import RunError, SpecError
+from .spec import validate_parameter
 
 OUTPUT_ENV = "AIRGPU_OUTPUT_DIR"
 
@@ -47,6 +50,115 @@ def local_run_id(now: dt.datetime | None = None) -> str:
     return "local__" + now.strftime("%Y-%m-%dT%H-%M-%S.%fZ")
 
 
+# Deeper lists/dicts than this are refused rather than walked (no RecursionError traceback).
+_MAX_DEPTH = 32
+
+
+def check_run_parameters(params: Mapping[str, Any] | None,
+                         where: str | None = None) -> dict[str, Any]:
+    """The run's parameters as a plain dict, refused before any kernel starts unless each name is
+    a plain identifier and each value has a Python literal.
+
+    papermill pastes every NAME verbatim into the injected-parameters cell, so a name such as
+    ``x=2;os.system(...);y`` (a trigger conf key, a ``-p`` name) would run as code. Values are
+    rendered by papermill; only exact str/int/float/bool/None and lists/dicts of them render
+    as literals that round-trip. The GPU check's own ``gpus_requested`` / ``allow_cpu`` may be
+    overridden by a run, with the check's types. ``where`` names the input layer in the error.
+    """
+    if params is None:
+        return {}
+    prefix = f"{where}: " if where else ""
+    if not isinstance(params, Mapping):
+        raise SpecError(f"{prefix}parameters must be a mapping of names to values, not "
+                        f"{type(params).__name__}")
+    checked: dict[str, Any] = {}
+    for name, value in params.items():
+        try:
+            _check_name(name)
+            if name == "gpus_requested":
+                if not (type(value) is int and value >= 0) and value != "all":
+                    raise SpecError(f"parameter 'gpus_requested' must be a whole number >= 0 "
+                                    f"or 'all', not {value!r}")
+            elif name == "allow_cpu":
+                if type(value) is not bool:
+                    raise SpecError(f"parameter 'allow_cpu' must be True or False, not "
+                                    f"{value!r}")
+            else:
+                _check_value(name, value, 0)
+        except SpecError as exc:
+            raise SpecError(f"{prefix}{exc}") from None
+        checked[name] = value
+    return checked
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(f"invalid parameter name {name!r}: it must be a Python identifier")
+    if keyword.iskeyword(name):
+        raise SpecError(f"invalid parameter name {name!r}: it is a Python keyword")
+    if name.startswith("__"):
+        raise SpecError(f"invalid parameter name {name!r}: names starting with '__' "
+                        "belong to Python")
+
+
+def _check_value(name: str, value: object, depth: int) -> None:
+    """Exact types only: a subclass could change how papermill formats it into the cell."""
+    if depth > _MAX_DEPTH:
+        raise SpecError(f"parameter {name!r} is nested deeper than {_MAX_DEPTH} levels")
+    kind = type(value)
+    if kind is list:
+        for item in value:  # type: ignore[attr-defined]
+            _check_value(name, item, depth + 1)
+    elif kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                raise SpecError(f"parameter {name!r} has a key {key!r}: dict keys must be "
+                                "strings")
+            _check_value(name, item, depth + 1)
+    elif value is None or kind in (str, int, float, bool):
+        validate_parameter(name, value)
+    else:
+        raise SpecError(f"parameter {name!r} must be a string, number, boolean, None, or a "
+                        f"list or dict of those, not {kind.__name__}")
+
+
+def check_output_path(output: str | os.PathLike[str],
+                      *sources: str | os.PathLike[str]) -> Path:
+    """Refuse, before any kernel starts, an output papermill would write badly: the source
+    notebook itself (also through a symlink), a folder, a path under a regular file, or a
+    name that is not ``.ipynb``."""
+    path = Path(output).expanduser()
+    if path.suffix != ".ipynb":
+        raise SpecError(f"output {str(output)!r} must be a notebook path ending in .ipynb")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise SpecError(f"output {str(output)!r} cannot be resolved: {exc}") from None
+    for source in sources:
+        source_path = Path(source).expanduser()
+        try:
+            same = resolved == source_path.resolve()
+        except (OSError, RuntimeError):
+            same = False
+        if not same and path.exists() and source_path.exists():
+            same = os.path.samefile(path, source_path)  # a hard link
+        if same:
+            raise SpecError(f"output {str(output)!r} is the notebook being run; give another "
+                            "path so the source stays untouched")
+    if path.is_dir():
+        raise SpecError(f"output {str(output)!r} is a directory; give the executed notebook's "
+                        "file path (NAME.ipynb)")
+    if path.exists() and not path.is_file():
+        raise SpecError(f"output {str(output)!r} exists and is not a regular file")
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpecError(f"output {str(output)!r} lies under {str(parent)!r}, which is "
+                                "a file, not a directory")
+            break
+    return path
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     """A finished run (a failed one raises ``RunError`` instead)."""
@@ -64,24 +176,31 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
     """Run ``prepared`` into ``output_path``; its folder becomes the kernel's working directory so
     files the notebook writes (models, metrics) land beside the executed notebook.
 
-    A failing cell, a dead kernel or a timeout raises ``RunError`` after papermill has saved the
-    executed notebook with the error marked.
+    Bad parameters or a bad output path raise ``SpecError`` before any kernel starts. A failing
+    cell, a dead kernel or a timeout raises ``RunError`` after papermill has saved the executed
+    notebook with the error marked.
 
     With telemetry, ``<notebook>.prom`` is written beside the executed notebook (and pushed
     when $AIRGPU_PUSHGATEWAY_URL is set), failed runs included; ``labels`` (dag, task, run)
     default to the promoted DAG id, ``run_notebook`` and the output folder's name.
     """
+    parameters = check_run_parameters(parameters)
+    output_path = check_output_path(output_path, prepared)
+
     import papermill
+
+    from .engine import atomic_local_writes
+
+    atomic_local_writes()  # also when telemetry is off: a kill never leaves torn JSON
     from papermill.exceptions import PapermillExecutionError
 
-    output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     engine = _engine_name(telemetry)
     sink: dict[str, Any] = {}
     engine_kwargs = {"airgpu_telemetry": sink} if engine == "airgpu" else {}
     try:
         papermill.execute_notebook(
-            str(prepared), str(output_path), parameters=dict(parameters or {}),
+            str(prepared), str(output_path), parameters=parameters,
             kernel_name=kernel, progress_bar=progress_bar, log_output=log_output,
             cwd=str(output_path.parent), execution_timeout=cell_timeout,
             engine_name=engine, **engine_kwargs,
@@ -97,6 +216,35 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
     finally:
         summary = _publish_telemetry(sink, output_path, labels)
     return RunOutcome(output_path, telemetry=summary)
+
+
+def run_notebook(notebook: str | os.PathLike[str],
+                 parameters: Mapping[str, Any] | None = None, *,
+                 output: str | os.PathLike[str] | None = None, allow_cpu: bool | None = None,
+                 progress_bar: bool = True) -> Path:
+    """Prepare ``notebook`` (GPU check included) and execute it with papermill exactly as its
+    DAG task would; return the executed notebook's path. ``RunError`` if a cell fails;
+    ``SpecError`` for bad parameters or output, before anything is read or run."""
+    parameters = check_run_parameters(parameters)
+    if output:
+        output = check_output_path(output, notebook)
+
+    from .airflow_task import default_output_dir
+    from .notebook import notebook_bytes
+    from .promote import promote
+
+    result = promote(notebook, allow_cpu=allow_cpu)
+    spec = result.spec
+    target = Path(output) if output else executed_path(
+        resolve_output_dir(spec.output_dir, Path.cwd(), default_output_dir()), spec.dag_id,
+        local_run_id(), spec.notebook_name)
+    merged = {**spec.params, **parameters}
+    with tempfile.TemporaryDirectory(prefix="airgpu-run-") as tmp:
+        prepared = Path(tmp) / result.notebook_file.name
+        prepared.write_bytes(notebook_bytes(result.notebook))
+        execute(prepared, target, merged, kernel=spec.kernel, progress_bar=progress_bar,
+                telemetry=spec.telemetry)
+    return target
 
 
 def _publish_telemetry(sink: Mapping[str, Any], output_path: Path,
@@ -118,8 +266,13 @@ def _engine_name(telemetry: bool) -> str | None:
     if not telemetry:
         return None
     from papermill.engines import papermill_engines
+    from papermill.exceptions import PapermillException
 
-    return "airgpu" if "airgpu" in papermill_engines._engines else None
+    try:
+        papermill_engines.get_engine("airgpu")
+    except PapermillException:  # airgpu-nb's entry point is not installed
+        return None
+    return "airgpu"
 
 
 def _first(text: str) -> str:

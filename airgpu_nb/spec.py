@@ -1,7 +1,8 @@
 """What a promotion asks for, validated once, then frozen.
 
-No I/O here and no Airflow, Docker or TensorFlow imports: every shell builds a ``PromotionSpec``
-through :func:`build_spec`, and everything downstream (injection, rendering, running) trusts it.
+No I/O here and no Airflow, Docker or TensorFlow imports: every shell reaches a
+``PromotionSpec`` through ``promote()``, which parses each settings layer with the settings table
+(:mod:`airgpu_nb.settings`); everything downstream (injection, rendering, running) trusts it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import SpecError
 
 ParamValue = str | int | float | bool | None
 
-DAG_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+DAG_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,250}")  # always fullmatch()
 SCHEDULE_PRESETS = frozenset(
     {"@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly"}
 )
@@ -86,6 +87,7 @@ class PromotionSpec:
     parameters: tuple[tuple[str, ParamValue], ...] = ()
     gpu: GpuRequest = field(default_factory=GpuRequest)
     allow_cpu: bool = False
+    allow_new_parameters: bool = False
     kernel: str = "python3"
     output_dir: str | None = None
     image: str | None = None
@@ -107,7 +109,8 @@ class PromotionSpec:
             raise SpecError(
                 f"execution timeout must be a positive number of seconds, not {timeout!r}")
         for tag in self.tags:
-            if not isinstance(tag, str) or not tag or len(tag) > 100:
+            if not isinstance(tag, str) or not tag.strip() or len(tag) > 100 or any(
+                    ch in tag for ch in "\n\r\x00"):
                 raise SpecError(f"tags must be non-empty strings of <= 100 characters: {tag!r}")
         if not self.kernel or not isinstance(self.kernel, str):
             raise SpecError("kernel name must be a non-empty string")
@@ -124,31 +127,15 @@ class PromotionSpec:
         return dataclasses.replace(self, **changes)
 
     def settings(self) -> dict[str, Any]:
-        """The settings recorded in the prepared notebook so re-promotion reproduces them."""
-        return {
-            "dag_id": self.dag_id,
-            "target": self.target,
-            "schedule": self.schedule,
-            "start_date": self.start_date,
-            "catchup": self.catchup,
-            "retries": self.retries,
-            "retry_delay_s": self.retry_delay_s,
-            "execution_timeout_s": self.execution_timeout_s,
-            "tags": list(self.tags),
-            "parameters": dict(self.parameters),
-            "gpus": self.gpu.count,
-            "mig": self.gpu.mig,
-            "allow_cpu": self.allow_cpu,
-            "kernel": self.kernel,
-            "output_dir": self.output_dir,
-            "image": self.image,
-            "telemetry": self.telemetry,
-            "options": dict(self.options),
-        }
+        """The settings recorded in the prepared notebook so re-promotion reproduces them (one
+        entry per row of the settings table)."""
+        from .settings import spec_settings
+
+        return spec_settings(self)
 
 
 def validate_dag_id(dag_id: object) -> str:
-    if not isinstance(dag_id, str) or not DAG_ID_RE.match(dag_id):
+    if not isinstance(dag_id, str) or not DAG_ID_RE.fullmatch(dag_id):
         raise SpecError(
             f"invalid DAG id {dag_id!r}: use 1-250 letters, digits, '_', '.' or '-'"
         )
@@ -186,14 +173,18 @@ def validate_schedule(schedule: object) -> str | None:
 
 def _validate_date(value: str) -> None:
     try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            raise ValueError(value)
         dt.date.fromisoformat(value)
     except (TypeError, ValueError):
         raise SpecError(f"invalid start date {value!r}: use YYYY-MM-DD") from None
 
 
 def validate_parameter(name: object, value: object) -> None:
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise SpecError(f"invalid parameter name {name!r}: it must be a Python identifier")
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) \
+            or name.startswith("__"):
+        raise SpecError(f"invalid parameter name {name!r}: it must be a Python identifier, not "
+                        "a keyword and not a __dunder__ name")
     if name in RESERVED_PARAMETERS:
         raise SpecError(
             f"parameter {name!r} belongs to the GPU check; use --gpus / --allow-cpu instead"

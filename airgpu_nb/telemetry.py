@@ -1,11 +1,19 @@
-"""The GPU and CPU sampler behind every run's timeline and ``%%airgpu profile``.
+"""The GPU and CPU sampler behind every run's timeline and ``%%airgpu profile``, and how a run's
+timeline is written into the executed notebook.
 
 One background thread reads, at a fixed interval, each visible GPU through NVML (utilisation,
 memory, power) and the CPU and memory of a process tree through psutil. NVML handles and
 ``psutil.Process`` objects are kept across samples so that a sample costs well under a
 millisecond of CPU per GPU: sampling must never be what slows a training run down.
 
-Nothing here imports NVML or starts a thread until :meth:`Sampler.start`.
+Nothing here imports NVML or starts a thread until :meth:`Sampler.start`; the module itself
+imports only the standard library (the papermill engine imports it while papermill loads).
+
+What a run leaves in the notebook (:func:`annotate`):
+
+- ``nb.metadata.airgpu.telemetry`` = ``{interval_s, samples, summary, gpu_available}``
+- each executed code cell's ``metadata.airgpu.telemetry`` = that cell's summary, plus its
+  ``start_s``/``end_s`` on the samples' clock
 """
 
 from __future__ import annotations
@@ -16,18 +24,46 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .keys import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
 #: A GPU sample under this utilisation (percent) counts as idle in ``idle_fraction``.
 IDLE_UTIL_PCT = 5.0
 MB = 2**20
+INTERVAL_ENV = "AIRGPU_TELEMETRY_INTERVAL"
+DEFAULT_INTERVAL_S = 1.0
+MIN_INTERVAL_S = 0.05
+#: A 12-hour run at 1 s is 43,200 samples; beyond this many the stored timeline is thinned
+#: (summaries are computed from every sample first).
+MAX_STORED_SAMPLES = 20_000
 
-GPU_FIELDS = ("gpu_util_mean", "gpu_util_p95", "gpu_mem_peak_mb", "gpu_seconds",
-              "idle_fraction")
+
+def interval_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """Sampling interval from $AIRGPU_TELEMETRY_INTERVAL; a bad value warns and uses 1 s."""
+    return float_env(INTERVAL_ENV, DEFAULT_INTERVAL_S, minimum=MIN_INTERVAL_S, environ=environ)
+
+
+def float_env(name: str, default: float, minimum: float,
+              environ: Mapping[str, str] | None = None) -> float:
+    """A number from the environment; a bad one is a warning and the default, never a failed
+    run (environment variables are set by operators, far from the notebook)."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:  # also catches nan
+        log.warning("airgpu: ignoring %s=%r (want a number >= %s); using %s", name, raw,
+                    minimum, default)
+        return default
+    return value
 
 
 @dataclass
@@ -357,3 +393,82 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 def _round(value: float, digits: int = 2) -> float:
     return round(float(value), digits)
+
+
+# -- a run's timeline in the notebook ------------------------------------------------------------
+
+
+class RunRecorder:
+    """One run's sampler and the span of each cell on the samples' clock."""
+
+    def __init__(self, interval_s: float, pid: int | None = None) -> None:
+        self.sampler = Sampler(interval_s, pid=pid)
+        self.spans: dict[int, list[float]] = {}
+
+    def start(self) -> None:
+        self.sampler.start()
+
+    def cell_started(self, index: int) -> None:
+        now = round(self.sampler.elapsed(), 4)
+        self.spans[index] = [now, now]
+
+    def cell_finished(self, index: int) -> None:
+        if index in self.spans:
+            self.spans[index][1] = round(self.sampler.elapsed(), 4)
+
+    def finish(self, nb: Any) -> dict:
+        """Stop sampling and write the timeline into ``nb``; returns the run's telemetry."""
+        samples = self.sampler.stop()
+        return annotate(nb, samples, self.sampler.interval_s,
+                        {i: (a, b) for i, (a, b) in self.spans.items()},
+                        gpu_available=self.sampler.gpu_available)
+
+
+def annotate(nb: Any, samples: list[dict], interval_s: float,
+             spans: Mapping[int, tuple[float, float]], gpu_available: bool = False) -> dict:
+    """Write the run's and each executed code cell's telemetry into ``nb``; returns the run's.
+
+    ``spans`` maps a cell's index to its (start, end) on the samples' clock.
+    """
+    import nbformat
+
+    telemetry = {
+        "interval_s": interval_s,
+        "gpu_available": bool(gpu_available or any(s.get("gpus") for s in samples)),
+        "summary": summarise(samples, interval_s),
+        "samples": _thin(samples, MAX_STORED_SAMPLES),
+    }
+    namespace = dict(nb.metadata.get(METADATA_KEY) or {})
+    namespace["telemetry"] = telemetry
+    nb.metadata[METADATA_KEY] = nbformat.from_dict(namespace)
+    for index, (start, end) in sorted(spans.items()):
+        if index >= len(nb.cells) or nb.cells[index].get("cell_type") != "code":
+            continue
+        cell_summary = summarise(cell_samples(samples, start, end), interval_s,
+                                 duration_s=end - start)
+        cell_summary.update(start_s=round(start, 3), end_s=round(end, 3))
+        cell_meta = dict(nb.cells[index].metadata.get(METADATA_KEY) or {})
+        cell_meta["telemetry"] = cell_summary
+        nb.cells[index].metadata[METADATA_KEY] = nbformat.from_dict(cell_meta)
+    return telemetry
+
+
+def cell_samples(samples: list[dict], start: float, end: float) -> list[dict]:
+    """The samples taken while a cell ran; for a cell shorter than one interval, the first
+    sample after it (NVML utilisation and psutil CPU both average over the preceding period,
+    so that sample covers the cell)."""
+    inside = [s for s in samples if start <= s["t"] <= end]
+    if inside:
+        return inside
+    after = next((s for s in samples if s["t"] > end), None)
+    return [after] if after is not None else []
+
+
+def _thin(samples: list[dict], limit: int) -> list[dict]:
+    if len(samples) <= limit:
+        return list(samples)
+    step = -(-len(samples) // limit)
+    thinned = samples[::step]
+    if thinned[-1] is not samples[-1]:
+        thinned.append(samples[-1])
+    return thinned

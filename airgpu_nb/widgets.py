@@ -2,8 +2,9 @@
 
 The logic lives in plain classes (:class:`GpuDashboard`, :class:`PromotionForm`) that tests drive
 headless: set widget values, call ``button.click()``, read the result. Display is the magic's job.
-The form's settings go through the CLI's own promote parser, so the panel accepts exactly what
-``airgpu promote`` accepts, and one click calls ``promote()`` (then the DagBag check).
+The form is built from the settings table (:mod:`airgpu_nb.settings`) and reads its controls with
+the table's own parsers, so the panel accepts exactly what ``airgpu promote`` accepts; one click
+calls ``promote()`` (then the DagBag check).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from typing import Any
 
 import ipywidgets as w
 
+from . import settings as table
 from .errors import AirgpuError, SpecError
+from .promote import check_parameters
 from .spec import (
-    KNOWN_MIG_PROFILES,
     SCHEDULE_PRESETS,
     normalise_schedule,
-    parse_gpus,
     safe_dag_id,
-    validate_dag_id,
     validate_parameter,
     validate_schedule,
 )
@@ -33,17 +33,10 @@ DASHBOARD_CLASS = "airgpu-gpu-dashboard"
 BUTTON_CLASS = "airgpu-promote-button"
 RESULT_CLASS = "airgpu-result"
 
-TARGETS = ("local", "compose", "docker", "kubernetes")
-# The fields each target can use; the others are hidden so the form asks only what matters.
-RELEVANT: Mapping[str, frozenset[str]] = {
-    "local": frozenset({"gpus"}),
-    "compose": frozenset({"gpus"}),
-    "docker": frozenset({"gpus", "image"}),
-    "kubernetes": frozenset({"gpus", "mig", "image", "node_selector", "tolerations"}),
-}
+TARGETS = ("local", "compose", "docker", "kubernetes")  # the order the target list shows
 _NO_SCHEDULE = "none"
 _CRON = "cron"
-_WHOLE_GPUS = ""
+_NONE = ""
 
 Probe = Callable[[], "dict[str, Any] | None"]
 
@@ -139,7 +132,9 @@ class GpuDashboard:
 
 
 class PromotionForm:
-    """The promotion form; ``errors()`` drives the button, ``promote()`` is the one click."""
+    """The promotion form, built from the settings table: one control per row the panel shows,
+    shown only for the targets that take it. ``errors()`` drives the button, ``settings()`` is
+    the form as ``promote()`` options, ``promote()`` is the one click."""
 
     def __init__(self, notebook: str | Path, *, dags_dir: str | None = None,
                  options: Mapping[str, Any] | None = None, force: bool = False,
@@ -154,9 +149,20 @@ class PromotionForm:
         self._ready = False  # rows added while building must not validate a half-made form
         nb = read_notebook(self.notebook)  # NotebookError: the magic says why, in one line
         o = self.base
-        extra = dict(o.get("options") or {})
-        self.dag_id = w.Text(value=o.get("dag_id") or safe_dag_id(self.notebook.stem),
-                             description="DAG id", continuous_update=True)
+        self._fields: dict[str, w.Widget] = {}
+        for row in table.SETTINGS:
+            if row.panel in ("text", "list", "choice", "check"):
+                control = _control(row, o.get(row.name))
+                setattr(self, row.name, control)
+                self._fields[row.name] = control
+        if not o.get("dag_id"):
+            self.dag_id.value = safe_dag_id(self.notebook.stem)
+        known = table.row("target").kind.choices()
+        self.target.options = [*TARGETS, *[t for t in known if t not in TARGETS]]
+        self.target.value = o.get("target") or "local"
+        self._nb = nb
+        for always_shown in ("target", "dag_id", "allow_cpu", "allow_new_parameters"):
+            self._fields.pop(always_shown)
         schedule = normalise_schedule(o.get("schedule"))
         presets = sorted(SCHEDULE_PRESETS - {"@continuous"})
         self.schedule = w.Dropdown(
@@ -166,25 +172,6 @@ class PromotionForm:
                    schedule if schedule in presets else _CRON), description="schedule")
         self.cron = w.Text(value=schedule if self.schedule.value == _CRON else "",
                            placeholder="0 2 * * *", description="cron")
-        from .targets import names
-
-        targets = [*TARGETS, *[t for t in names() if t not in TARGETS]]
-        self.target = w.Dropdown(options=targets, value=o.get("target") or "local",
-                                 description="target")
-        self.image = w.Text(value=o.get("image") or "", description="image",
-                            placeholder="default runtime image")
-        self.gpus = w.Text(value=str(o.get("gpus") if o.get("gpus") is not None else 1),
-                           description="GPUs", placeholder="N or all")
-        self.mig = w.Dropdown(options=[("whole GPUs", _WHOLE_GPUS),
-                                       *[(p, p) for p in sorted(KNOWN_MIG_PROFILES)]],
-                              value=o.get("mig") or _WHOLE_GPUS, description="MIG slice")
-        self.node_selector = w.Text(value=_show_pairs(extra.get("node_selector")),
-                                    description="node selector", placeholder="key=value, ...")
-        self.tolerations = w.Text(value=_show_list(extra.get("tolerations")),
-                                  description="tolerations",
-                                  placeholder="key=value:NoSchedule, ...")
-        self.allow_cpu = w.Checkbox(value=bool(o.get("allow_cpu")),
-                                    description="allow CPU when no GPU")
         self.force = w.Checkbox(value=force, description="overwrite a hand-edited DAG")
         self.dags_dir = w.Text(value=str(dags_dir or default_dags_dir()), description="DAGs dir",
                                layout=w.Layout(width="40em"))
@@ -201,17 +188,16 @@ class PromotionForm:
         self.button.on_click(lambda _: self.promote())
         self.result = w.HTML()
         self.result.add_class(RESULT_CLASS)
-        self._fields = {"image": self.image, "gpus": self.gpus, "mig": self.mig,
-                        "node_selector": self.node_selector, "tolerations": self.tolerations}
-        for control in (self.dag_id, self.schedule, self.cron, self.target, self.image,
-                        self.gpus, self.mig, self.node_selector, self.tolerations, self.dags_dir):
+        for control in (self.dag_id, self.schedule, self.cron, self.target, self.dags_dir,
+                        *self._fields.values()):
             control.observe(self._changed, names="value")
         self.widget = w.VBox([
             w.HTML(f"<b>Promote</b> <code>{html.escape(str(self.notebook))}</code>"),
-            self.dag_id, w.HBox([self.schedule, self.cron]), self.target, self.image,
-            w.HBox([self.gpus, self.mig]), self.node_selector, self.tolerations,
+            self.dag_id, w.HBox([self.schedule, self.cron]), self.target,
+            *self._fields.values(),
             w.HTML("parameters (Python literals; plain text stays a string)"), self.params_box,
-            self.add_button, w.HBox([self.allow_cpu, self.force]), self.dags_dir,
+            self.add_button, w.HBox([self.allow_new_parameters, self.allow_cpu, self.force]),
+            self.dags_dir,
             self.messages, self.button, self.result,
         ])
         self._ready = True
@@ -249,26 +235,28 @@ class PromotionForm:
     def _changed(self, _change: Any = None) -> None:
         if not self._ready:
             return
-        relevant = RELEVANT.get(self.target.value, frozenset(RELEVANT["kubernetes"]))
+        target = self.target.value
         for name, control in self._fields.items():
-            control.layout.display = None if name in relevant else "none"
+            control.layout.display = None if table.row(name).takes(target) else "none"
         self.cron.layout.display = None if self.schedule.value == _CRON else "none"
-        self.gpus.disabled = bool(self.mig.value) and "mig" in relevant
+        self.gpus.disabled = bool(self.mig.value) and table.row("mig").takes(target)
         problems = self.errors()
         self.button.disabled = bool(problems)
         self.messages.value = "".join(f"<div style='color:#b00'>{html.escape(p)}</div>"
                                       for p in problems)
 
     def errors(self) -> list[str]:
-        """What stops promotion, checked as the user types (promote() checks the rest)."""
+        """What stops promotion, checked as the user types by the settings table's own
+        parsers (promote() checks the rest)."""
         problems = []
-        for check in (lambda: validate_dag_id(self.dag_id.value.strip()),
-                      lambda: validate_schedule(normalise_schedule(self._schedule())),
-                      lambda: parse_gpus(self.gpus.value.strip())):
-            try:
-                check()
-            except SpecError as exc:
-                problems.append(str(exc))
+        try:
+            self._form_settings()
+        except SpecError as exc:
+            problems.append(str(exc))
+        try:
+            validate_schedule(normalise_schedule(self._schedule()))
+        except SpecError as exc:
+            problems.append(str(exc))
         if self.schedule.value == _CRON and not self.cron.value.strip():
             problems.append("type a cron expression, e.g. 0 2 * * *")
         names = [key.value.strip() for key, _, _ in self.param_rows]
@@ -280,6 +268,11 @@ class PromotionForm:
         duplicates = sorted({n for n in names if n and names.count(n) > 1})
         if duplicates:
             problems.append(f"parameter {duplicates[0]!r} is listed twice")
+        try:
+            check_parameters(self._nb, self.notebook, self.parameters(),
+                             self.allow_new_parameters.value)
+        except SpecError as exc:
+            problems.append(str(exc))
         if not self.dags_dir.value.strip():
             problems.append("give a DAGs dir")
         return problems
@@ -287,38 +280,33 @@ class PromotionForm:
     def _schedule(self) -> str | None:
         return self.cron.value.strip() if self.schedule.value == _CRON else self.schedule.value
 
-    def settings(self) -> dict[str, Any]:
-        """The form as ``promote()`` options, parsed by the CLI's own promote parser."""
-        from .cli import _Parser, add_promote_options, promote_options
+    def _form_settings(self) -> dict[str, Any]:
+        """The visible controls as typed settings (``SpecError`` names the first bad one)."""
+        target = self.target.value
+        found: dict[str, Any] = {"target": target, "allow_cpu": self.allow_cpu.value,
+                                 "allow_new_parameters": self.allow_new_parameters.value}
+        dag_id = self.dag_id.value.strip()
+        found["dag_id"] = table.row("dag_id").parse_text(dag_id, "DAG id")
+        for name, control in self._fields.items():
+            row = table.row(name)
+            if row.takes(target):
+                found[name] = _read(row, control)
+        if found.get("mig") is not None:
+            found["gpus"] = None  # a MIG slice is one slice
+        return found
 
-        relevant = RELEVANT.get(self.target.value, RELEVANT["kubernetes"])
-        argv = ["--target", self.target.value, "--dag-id", self.dag_id.value.strip(),
-                "--schedule", self._schedule() or "none"]
-        if "mig" in relevant and self.mig.value:
-            argv += ["--mig", self.mig.value]
-        else:
-            argv += ["--gpus", self.gpus.value.strip()]
-        if self.allow_cpu.value:
-            argv.append("--allow-cpu")
-        if "image" in relevant and self.image.value.strip():
-            argv += ["--image", self.image.value.strip()]
-        for item in _split(self.node_selector.value) if "node_selector" in relevant else []:
-            argv += ["--node-selector", item]
-        for item in _split(self.tolerations.value) if "tolerations" in relevant else []:
-            argv += ["--toleration", item]
-        parser = _Parser(prog="airgpu panel", add_help=False)
-        add_promote_options(parser)
-        form = promote_options(parser.parse_args(argv))
-        merged = {**self.base, **{k: v for k, v in form.items() if v is not None}}
-        extra = {k: v for k, v in dict(self.base.get("options") or {}).items()
-                 if k not in ("node_selector", "tolerations")}
-        extra.update(form.get("options") or {})
-        if "options" in merged or extra:
-            merged["options"] = extra or None
-        if "image" not in relevant:
-            merged["image"] = None
-        merged["gpus"], merged["mig"] = form["gpus"], form["mig"]
-        merged["allow_cpu"] = self.allow_cpu.value
+    def settings(self) -> dict[str, Any]:
+        """The form as ``promote()`` options: the options it was opened with, overridden by
+        what the form shows; settings the chosen target cannot take are dropped."""
+        form = self._form_settings()
+        target = form["target"]
+        merged = {k: v for k, v in self.base.items()
+                  if k not in table.BY_NAME or table.row(k).takes(target)}
+        merged.update(form)
+        for name in self._fields:  # a hidden field is not sent
+            if not table.row(name).takes(target):
+                merged[name] = None
+        merged["schedule"] = self._schedule() or "none"
         merged["parameters"] = self.parameters()
         return merged
 
@@ -335,8 +323,8 @@ class PromotionForm:
         self.button.disabled = True
         self.result.value = "<i>Promoting…</i>"
         try:
-            result = promote(self.notebook, dags_dir=self.dags_dir.value.strip(),
-                             **self.settings()).write(force=self.force.value)
+            settings = {**self.settings(), "dags_dir": self.dags_dir.value.strip()}
+            result = promote(self.notebook, **settings).write(force=self.force.value)
             self.result.value = render_promotion(result, None)["text/html"] + \
                 "<p><i>Checking the DAG with Airflow's DagBag…</i></p>"
             check = check_dag_import(result.dag_file, result.spec.dag_id)
@@ -367,6 +355,41 @@ class PromotionPanel:
 
     def close(self) -> None:
         self.dashboard.stop()
+
+
+def _control(row: table.Setting, value: Any) -> w.Widget:
+    """The panel control for one settings row, showing ``value``."""
+    label = row.label or row.name.replace("_", " ")
+    if row.panel == "check":
+        return w.Checkbox(value=bool(value if value is not None else row.default),
+                          description=label)
+    if row.panel == "choice":
+        choices = sorted(row.kind.choices())
+        options = ([("whole GPUs" if row.name == "mig" else "none", _NONE)]
+                   if getattr(row.kind, "none_word", None) else [])
+        return w.Dropdown(options=[*options, *choices] if not options else
+                          [*options, *[(c, c) for c in choices]],
+                          value=value if value is not None else (row.default or _NONE),
+                          description=label)
+    shown = value if value is not None else (row.default if row.name == "gpus" else None)
+    if row.panel == "list":
+        text = ", ".join(row.kind.check(shown)) if shown is not None else ""
+    else:
+        text = "" if shown is None else str(shown)
+    return w.Text(value=text, description=label, placeholder=row.metavar or "")
+
+
+def _read(row: table.Setting, control: w.Widget) -> Any:
+    """A control's value through its row's parser (None: left empty)."""
+    if row.panel == "check":
+        return bool(control.value)
+    if row.panel == "choice":
+        return None if control.value == _NONE else control.value
+    if row.panel == "list":
+        items = [row.kind.item.from_text(i) for i in _split(control.value)]
+        return items or None
+    text = control.value.strip()
+    return row.parse_text(text) if text else None
 
 
 def _error_html(message: str) -> str:

@@ -152,35 +152,106 @@ def bench_end_to_end(work: Path, env: dict[str, str], reps: int) -> None:
 
 
 CHECK_COST = textwrap.dedent("""\
-    import json, time
+    import json, sys, time
     import IPython.display  # a kernel has IPython loaded before any cell runs
     from airgpu_nb.inject import check_cell_source
     source = check_cell_source(1, True)
     t0 = time.perf_counter()
-    import tensorflow
-    t1 = time.perf_counter()
     exec(source, {"__name__": "__main__"})
-    t2 = time.perf_counter()
-    print(json.dumps({"tf_import": t1 - t0, "check": t2 - t1}))
+    t1 = time.perf_counter()
+    assert "tensorflow" not in sys.modules, "the check imported TensorFlow in its own process"
+    print(json.dumps({"check": t1 - t0}))
 """)
+TF_IMPORT = ("import json, time; t = time.perf_counter(); import tensorflow; "
+             "print(json.dumps({'tf_import': time.perf_counter() - t}))")
+
+
+def _last_json(command: list[str], env: dict[str, str]) -> dict:
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_check_cell(env: dict[str, str], reps: int) -> None:
+    """The check cell's own cost: since issue 8 its TensorFlow probe is a child process that
+    imports TensorFlow itself, so this is that child's whole cost against TensorFlow's import."""
     checks, imports = [], []
     for _ in range(reps):
-        out = subprocess.run([sys.executable, "-c", CHECK_COST], env=env, capture_output=True,
-                             text=True, check=True)
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
-        checks.append(figures["check"])
-        imports.append(figures["tf_import"])
-    line("verification cell beyond TensorFlow's import", f"{statistics.median(checks):.2f} s",
-         f"bar < 0.30 s (TF import {statistics.median(imports):.1f} s)")
+        checks.append(_last_json([sys.executable, "-c", CHECK_COST], env)["check"])
+        imports.append(_last_json([sys.executable, "-c", TF_IMPORT], env)["tf_import"])
+    check, tf_import = statistics.median(checks), statistics.median(imports)
+    line("verification cell (TF probe in a child process) beyond TF's import",
+         f"{check - tf_import:.2f} s", f"bar < 0.30 s (cell {check:.1f} s, TF import "
+                                       f"{tf_import:.1f} s)")
+
+
+RSS_CELL = ("import resource, sys\n"
+            "print('airgpu-bench-rss-kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "print('airgpu-bench-tf-imported', 'tensorflow' in sys.modules)")
+
+
+def _papermill_run(notebook: Path, output: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds of a plain papermill run and its kernel's peak RSS in MiB."""
+    elapsed = median_time([str(BIN / "papermill"), "--no-progress-bar", str(notebook),
+                           str(output), "--cwd", str(output.parent)], env=env)
+    nb = nbformat.read(output, as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    kib = next(int(ln.split()[1]) for ln in text.splitlines()
+               if ln.startswith("airgpu-bench-rss-kib"))
+    return elapsed, kib / 1024
+
+
+def bench_check_in_kernel(work: Path, env: dict[str, str], reps: int) -> None:
+    """What the injected check costs the notebook's kernel: the prepared copy with and without
+    its check cell under plain papermill, for a notebook that never imports TensorFlow and for
+    one that does (the probe's child imports TensorFlow once more)."""
+    from airgpu_nb.inject import CHECK_TAG
+    from airgpu_nb.promote import promote
+
+    folder = work / "check-kernel"
+    folder.mkdir()
+    bodies = {
+        "no TF": "total = sum(i * i for i in range(200_000))\nprint(total)",
+        "imports TF": "import tensorflow as tf\nprint(float(tf.reduce_sum(tf.ones((64, 64)))))",
+    }
+    commands: dict[str, tuple[Path, Path]] = {}
+    for kind, body in bodies.items():
+        name = "no_tf" if kind == "no TF" else "with_tf"
+        cells = [nbformat.v4.new_code_cell("epochs = 1", metadata={"tags": ["parameters"]}),
+                 nbformat.v4.new_code_cell(body), nbformat.v4.new_code_cell(RSS_CELL)]
+        source = folder / f"{name}.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {
+            "name": "python3", "language": "python", "display_name": "Python 3"}}), source)
+        prepared = promote(source, dags_dir=folder / "dags", allow_cpu=True).write().notebook
+        without = nbformat.from_dict(prepared)
+        without.cells = [c for c in without.cells
+                         if CHECK_TAG not in c.get("metadata", {}).get("tags", [])]
+        nbformat.write(prepared, folder / f"{name}-check.ipynb")
+        nbformat.write(without, folder / f"{name}-plain.ipynb")
+        for variant in ("check", "plain"):
+            out = folder / f"out-{name}-{variant}" / "out.ipynb"
+            out.parent.mkdir()
+            commands[f"{kind}/{variant}"] = (folder / f"{name}-{variant}.ipynb", out)
+    samples: dict[str, list[tuple[float, float]]] = {key: [] for key in commands}
+    for _ in range(reps):
+        for key, (notebook, output) in commands.items():
+            samples[key].append(_papermill_run(notebook, output, env))
+    for kind in bodies:
+        check, plain = samples[f"{kind}/check"], samples[f"{kind}/plain"]
+        t_check = statistics.median(t for t, _ in check)
+        t_plain = statistics.median(t for t, _ in plain)
+        rss_check = statistics.median(r for _, r in check)
+        rss_plain = statistics.median(r for _, r in plain)
+        line(f"check cell, notebook {kind}: papermill wall, with vs without",
+             f"+{t_check - t_plain:.2f} s", f"{t_check:.1f} s vs {t_plain:.1f} s")
+        line(f"check cell, notebook {kind}: kernel peak RSS, with vs without",
+             f"{rss_check - rss_plain:+.0f} MiB", f"{rss_check:.0f} MiB vs {rss_plain:.0f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of slow benchmarks")
-    parser.add_argument("--only", help="comma-separated: promotion,import,e2e,check,extra")
+    parser.add_argument("--only", help="comma-separated: promotion,import,e2e,check,kernel,extra")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     print(f"airgpu-nb benchmarks on {platform.node()}: {os.cpu_count()} cores, "
@@ -199,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "promotion": lambda: bench_promotion(work),
             "import": lambda: bench_dag_import(work, env, max(args.reps, 5)),
             "check": lambda: bench_check_cell(env, args.reps),
+            "kernel": lambda: bench_check_in_kernel(work, env, args.reps),
             "e2e": lambda: bench_end_to_end(work, env, args.reps),
         }
         for name, step in steps.items():

@@ -42,8 +42,8 @@ def test_promote_writes_the_dag_and_prepared_copy_and_leaves_the_source_alone(nb
 
 def test_p_and_r_values_keep_their_types(nb, tmp_path, capsys):
     dags = tmp_path / "dags"
-    assert main(["promote", str(nb), "--dags-dir", str(dags), "--json", "-p", "a", "1",
-                 "-p", "b", "1.5", "-p", "c", "True", "-p", "d", "None", "-r", "e", "1",
+    assert main(["promote", str(nb), "--dags-dir", str(dags), "--json",
+                 "--allow-new-parameters", "-p", "a", "1", "-p", "b", "1.5", "-p", "c", "True", "-p", "d", "None", "-r", "e", "1",
                  "-p", "f", "x y"]) == 0
     params = json.loads(capsys.readouterr().out)["parameters"]
     assert params == {"epochs": 3, "a": 1, "b": 1.5, "c": True, "d": None, "e": "1", "f": "x y"}
@@ -85,7 +85,6 @@ def bad_notebooks(tmp: Path) -> dict[str, tuple[Path, str]]:
     return {
         "not JSON": (tmp / "notjson.ipynb", "not JSON"),
         "not a notebook": (tmp / "list.ipynb", "not a Jupyter notebook"),
-        "nbformat 3": (tmp / "v3.ipynb", "upgrade it first"),
         "non-Python kernel": (tmp / "r.ipynb", "Python notebooks only"),
         "missing": (tmp / "missing.ipynb", "not found"),
         "directory": (tmp / "folder.ipynb", "is a directory"),
@@ -93,8 +92,8 @@ def bad_notebooks(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["not JSON", "not a notebook", "nbformat 3",
-                                  "non-Python kernel", "missing", "directory", "invalid cells"])
+@pytest.mark.parametrize("case", ["not JSON", "not a notebook", "non-Python kernel", "missing",
+                                  "directory", "invalid cells"])
 def test_bad_notebooks_exit_2_with_one_line_and_write_nothing(case, tmp_path, capsys):
     path, message = bad_notebooks(tmp_path)[case]
     dags = tmp_path / "dags"
@@ -103,6 +102,22 @@ def test_bad_notebooks_exit_2_with_one_line_and_write_nothing(case, tmp_path, ca
     assert err.count("\n") == 1 and err.startswith("airgpu: error:")
     assert message in err
     assert files_under(dags) == set()
+
+
+def test_nbformat_3_is_upgraded_in_the_prepared_copy_and_the_source_left_alone(tmp_path, capsys):
+    source = tmp_path / "old.ipynb"
+    source.write_text(json.dumps({
+        "nbformat": 3, "nbformat_minor": 0, "metadata": {"name": "old"},
+        "worksheets": [{"metadata": {}, "cells": [
+            {"cell_type": "code", "language": "python", "input": "x = 1\nprint(x)",
+             "outputs": [], "metadata": {}, "collapsed": False}]}]}))
+    before = source.read_bytes()
+    assert main(["promote", str(source), "--dags-dir", str(tmp_path / "dags"), "--json"]) == 0
+    prepared = nbformat.read(tmp_path / "dags" / "old.ipynb", as_version=nbformat.NO_CONVERT)
+    assert prepared.nbformat == 4
+    nbformat.validate(prepared)
+    assert [c.source for c in prepared.cells if c.cell_type == "code"][-1] == "x = 1\nprint(x)"
+    assert source.read_bytes() == before
 
 
 @pytest.mark.parametrize("args,message", [

@@ -56,7 +56,7 @@ def test_awkward_parameter_values_arrive_in_the_notebook_intact(airflow_home, tm
         f"    json.dump({{k: globals()[k] for k in {sorted(AWKWARD)!r}}}, f)",
         parameters="quote = 'default'\nn = 0")
     result = promote(path, dags_dir=airflow_home.dags, allow_cpu=True,
-                     parameters=AWKWARD).write()
+                     parameters=AWKWARD, allow_new_parameters=True).write()
     airflow_home.airflow("dags", "test", result.spec.dag_id)
     [executed] = executed_runs(airflow_home.outputs, "awkward")
     seen = json.loads((executed.parent / "seen.json").read_text(encoding="utf-8"))

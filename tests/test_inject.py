@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import json
 
 import nbformat
 import pytest
 
+from airgpu_nb.gpu_check import PROBE_SOURCE
 from airgpu_nb.inject import CHECK_TAG, check_cell_source, prepare
 from airgpu_nb.notebook import read_notebook
+from airgpu_nb.promote import promote
 from airgpu_nb.spec import GpuRequest, PromotionSpec
 from conftest import write_notebook
 
@@ -94,9 +97,61 @@ def test_check_cell_source_is_valid_python_with_literal_defaults(gpus, allow):
              and getattr(n.func, "id", None) == "verify_gpus"]
     assert len(calls) == 1
     assert f"globals().get('gpus_requested', {gpus!r})" in source
-    assert "import tensorflow" in source  # self-contained: it imports what it needs itself
-    imports = {alias.name.split(".")[0] for node in ast.walk(tree)
-               if isinstance(node, ast.Import) for alias in node.names}
-    imports |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom)}
-    assert imports <= {"os", "time", "tensorflow", "pynvml", "IPython"}
+    # self-contained: the standard library, pynvml and IPython in the kernel; TensorFlow only in
+    # the probe's child process, never imported by the kernel (issue 8)
+    assert imported_modules(tree) <= {"json", "os", "signal", "subprocess", "sys", "time",
+                                      "pynvml", "IPython"}
+    assert "tensorflow" in imported_modules(ast.parse(PROBE_SOURCE))
+    assert PROBE_SOURCE in source
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    names = {alias.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom)}
+
+
+def notebook_with_minor(path, minor):
+    """A notebook file of nbformat 4.``minor``; cell ids exist only from 4.5 on."""
+    write_notebook(path, "print(1)", parameters="x = 1")
+    data = json.loads(path.read_text())
+    data["nbformat_minor"] = minor
+    for cell in data["cells"]:
+        if minor < 5:
+            cell.pop("id", None)
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("minor", [2, 4])
+def test_an_older_notebook_gets_a_check_cell_without_an_id_and_stays_valid(tmp_path, minor):
+    source = notebook_with_minor(tmp_path / "old.ipynb", minor)
+    prepared = prepare(read_notebook(source), SPEC)
+    cell = prepared.cells[check_indices(prepared)[0]]
+    assert "id" not in cell
+    nbformat.validate(prepared)
+    result = promote(source, dags_dir=tmp_path / "dags").write()
+    on_disk = json.loads(result.notebook_file.read_text())
+    assert on_disk["nbformat_minor"] == minor
+    assert not any("id" in c for c in on_disk["cells"])
+    nbformat.validate(nbformat.read(result.notebook_file, as_version=4))
+
+
+def test_a_4_5_notebook_gets_the_stable_check_cell_id(tmp_path):
+    source = notebook_with_minor(tmp_path / "new.ipynb", 5)
+    result = promote(source, dags_dir=tmp_path / "dags").write()
+    on_disk = json.loads(result.notebook_file.read_text())
+    assert on_disk["nbformat_minor"] == 5
+    [cell] = [c for c in on_disk["cells"] if CHECK_TAG in c["metadata"].get("tags", [])]
+    assert cell["id"] == "airgpu-gpu-check"
+    nbformat.validate(nbformat.read(result.notebook_file, as_version=4))
+
+
+def test_the_check_cell_id_never_collides_with_a_user_cell(tmp_path):
+    nb = read_notebook(notebook_with_minor(tmp_path / "new.ipynb", 5))
+    nb.cells[1]["id"] = CHECK_TAG
+    prepared = prepare(nb, SPEC)
+    nbformat.validate(prepared)
+    assert prepared.cells[check_indices(prepared)[0]]["id"] == f"{CHECK_TAG}-1"
+    assert prepared.cells[2]["id"] == CHECK_TAG

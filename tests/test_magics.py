@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -16,8 +18,11 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
+from airgpu_nb import report
+from airgpu_nb.gpu import render_status, status_html
 from airgpu_nb.gpu_check import REPORT_MIME
 from airgpu_nb.magics import SUBCOMMANDS, AirgpuMagics
+from airgpu_nb.profile import PLOT_OPTIONS, profile_bundle
 from conftest import write_notebook
 
 
@@ -94,7 +99,7 @@ def test_unknown_subcommand_lists_the_valid_ones_without_a_traceback(shell) -> N
     ("", "give a subcommand"),
     ("profile", "cell magic"),
     ("promote --gpus -3 --notebook x.ipynb", "--gpus must be >= 0"),
-    ("promote --dag-id 'bad id' --notebook x.ipynb", "notebook not found"),
+    ("promote --dag-id 'bad id' --notebook x.ipynb", "invalid DAG id"),  # options first
     ("promote --notebook 'unterminated", "cannot parse"),
     ("promote --no-such-option", "unrecognized arguments"),
     ("use 0 --memory-growth --memory-limit 100", "not allowed with"),
@@ -125,6 +130,24 @@ def test_status_is_an_html_table_that_says_there_is_no_gpu(shell: InteractiveShe
     assert "TensorFlow 2." in data["text/plain"]
 
 
+def test_status_html_lists_each_gpu_and_mig_slice_escaped() -> None:
+    info = {"cuda_visible_devices": None, "tensorflow": {"version": None},
+            "nvml": {"driver_version": "550.54", "cuda_driver_version": "12.4", "devices": [
+                {"index": 0, "name": "A100 <80GB>", "uuid": "GPU-aaa", "memory_used_mb": 10,
+                 "memory_total_mb": 81920, "utilization_pct": None, "mig_mode": True,
+                 "mig_devices": [{"uuid": "MIG-bbb", "memory_total_mb": 9856}]}]}}
+    page = status_html(info)
+    assert "NVIDIA driver 550.54 (CUDA 12.4), 1 GPU(s)" in page
+    assert "A100 &lt;80GB&gt;" in page and "<80GB>" not in page
+    assert "<td>MIG slice</td><td>MIG-bbb</td><td>9856 MiB</td>" in page
+    assert "<td>n/a</td><td>on</td>" in page
+    assert "not installed in this kernel's environment" in page
+    assert "not set (every GPU is visible)" in page
+    text = render_status(info)
+    assert "[0] A100 <80GB>  GPU-aaa  10/81920 MiB  util n/a  MIG on" in text
+    assert "MIG MIG-bbb 9856 MiB" in text and "TensorFlow: not installed" in text
+
+
 def test_verify_shows_the_injected_cells_report(shell: InteractiveShell) -> None:
     result, captured = run(shell, "%airgpu verify --allow-cpu")
     assert result.error_in_exec is None
@@ -148,7 +171,8 @@ def test_use_sets_devices_before_tensorflow_and_refuses_after(tmp_path: Path) ->
         from IPython.core.interactiveshell import InteractiveShell
         ip = InteractiveShell.instance()
         ip.run_line_magic("load_ext", "airgpu_nb")
-        out = {}
+        from airgpu_nb.gpu import tensorflow_initialised
+        out = {"init_before_import": tensorflow_initialised()}
         ip.run_line_magic("airgpu", "use 1,0 --memory-growth")
         out["env"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         out["growth"] = os.environ.get("TF_FORCE_GPU_ALLOW_GROWTH")
@@ -157,7 +181,9 @@ def test_use_sets_devices_before_tensorflow_and_refuses_after(tmp_path: Path) ->
         out["env2"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         import tensorflow as tf
         out["visible"] = [d.name for d in tf.config.get_visible_devices("GPU")]
+        out["init_after_listing"] = tensorflow_initialised()
         tf.constant(1.0) + 1  # TensorFlow initialises its devices here
+        out["init_after_op"] = tensorflow_initialised()
         try:
             ip.run_line_magic("airgpu", "use 0")
             out["after"] = "no error"
@@ -177,6 +203,8 @@ def test_use_sets_devices_before_tensorflow_and_refuses_after(tmp_path: Path) ->
     assert out["env2"] == "-1" and out["visible"] == []
     assert "restart the kernel" in out["after"]
     assert out["env3"] == "-1"  # the refused call changed nothing
+    assert out["init_before_import"] is False and out["init_after_listing"] is False
+    assert out["init_after_op"] is True
 
 
 def test_promote_writes_files_checks_dagbag_and_names_the_command(shell, notebook, tmp_path):
@@ -273,6 +301,35 @@ def test_profile_runs_the_cell_and_reports_cpu_without_a_gpu(shell: InteractiveS
         shell.run_cell_magic("airgpu", "profile --interval 0", "pass")
     with pytest.raises(UsageError, match="line magic"):
         shell.run_cell_magic("airgpu", "status", "pass")
+
+
+def test_profile_timeline_is_the_report_plot_at_a_small_size(shell: InteractiveShell) -> None:
+    """One drawing for `%%airgpu profile` and `airgpu report --png`: the profile's PNG is exactly
+    report.plot() of the profile's samples, at the profile's size."""
+    from matplotlib.image import imread
+
+    result, captured = run(shell, "%%airgpu profile --interval 0.05\n"
+                                  "import time\ntime.sleep(0.3)\n")
+    assert result.error_in_exec is None, result.error_in_exec
+    png = base64.b64decode(captured.outputs[-1].data["image/png"])
+    timeline = magics(shell).last_profile["timeline"]
+    assert len(timeline) >= 3 and timeline[0]["t"] < timeline[-1]["t"]
+    assert png == report.plot(timeline, **PLOT_OPTIONS)
+    assert png != report.plot(timeline)  # not the report's full-size figure
+    pixels = imread(io.BytesIO(png))
+    assert pixels.shape[:2] == (320, 512) and pixels.std() > 0.01
+
+
+def test_profile_bundle_shows_gpu_figures_when_a_gpu_was_sampled() -> None:
+    bundle = profile_bundle({"wall_s": 1.5, "gpu_available": True, "gpu_util_mean": 40.0,
+                             "gpu_util_p95": 90.0, "gpu_util_peak": 99.0, "gpu_mem_peak_mb": 2048,
+                             "gpu_seconds": 1.5, "idle_fraction": 0.25, "cpu_pct_mean": None,
+                             "cpu_pct_peak": None, "rss_peak_mb": 300.0})
+    text = bundle["text/plain"]
+    assert "40.0% / 90.0% / 99.0%" in text and "2048 MiB" in text and "0.25" in text
+    assert "no GPU" not in text and "n/a / n/a" in text
+    assert ("<th style='text-align:left'>GPU memory peak</th><td>2048 MiB</td>"
+            in bundle["text/html"])
 
 
 def test_profile_still_reports_when_the_cell_raises(shell: InteractiveShell) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import nbformat
@@ -74,6 +75,28 @@ def test_png_is_a_real_image(executed, tmp_path, capsys):
     pixels = imread(png)
     assert pixels.ndim >= 2 and pixels.shape[0] == 550 and pixels.shape[1] == 1000
     assert pixels.std() > 0.01  # something was drawn, not a blank canvas
+
+
+def test_png_is_report_plot_of_the_samples_with_a_mark_per_cell(executed, tmp_path):
+    """`airgpu report --png` draws with report.plot(), the function %%airgpu profile uses too;
+    each code cell's start is a labelled mark."""
+    from matplotlib.image import imread
+
+    from airgpu_nb import report
+
+    png = tmp_path / "run.png"
+    result = report.report(executed, png=png)
+    _, telemetry = report.load(executed)
+    nb = nbformat.read(executed, as_version=4)
+    marks = report.cell_marks(result)
+    assert [m["label"] for m in marks] == [
+        f"[{c.execution_count}]" for c in nb.cells if c.cell_type == "code"]
+    assert [m["t"] for m in marks] == sorted(m["t"] for m in marks)
+    drawn = png.read_bytes()
+    assert drawn == report.plot(telemetry["samples"], marks, title=executed.name)
+    assert drawn != report.plot(telemetry["samples"], title=executed.name)  # marks are drawn
+    small = report.plot(telemetry["samples"], marks, size=(6.4, 4.0), dpi=80)
+    assert imread(io.BytesIO(small)).shape[:2] == (320, 512)
 
 
 def test_a_notebook_without_telemetry_is_one_clear_error(tmp_path, capsys):

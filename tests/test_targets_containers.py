@@ -19,7 +19,7 @@ import pytest
 from airgpu_nb import cli
 from airgpu_nb.container_run import output_location
 from airgpu_nb.targets import names
-from airgpu_nb.targets._container import template_safe_json
+from airgpu_nb.targets.base import template_safe_json
 from conftest import write_notebook
 
 NOTE = 'say "hi" \'there\'\nto ünïcode ✓ {{ 7*7 }} {% if 1 %}x{% endif %} {# c #}'
@@ -212,7 +212,7 @@ def test_template_safe_json_round_trips_through_jinja_untouched(value):
     (["--outputs-volume", "../x"], "absolute host path or a Docker volume name"),
     (["--shm-size", "2g", "--memory", "1g"], "must be larger than --shm-size"),
     (["--user", "0:0"], "would run as root"),
-    (["--gpu-sharing", "half"], "invalid choice"),
+    (["--gpu-sharing", "half"], "unknown GPU sharing mode 'half'; valid choices: shared"),
 ])
 def test_wrong_docker_settings_are_one_line_errors_and_write_nothing(
         tmp_path, capsys, args, message):

@@ -6,6 +6,7 @@ only stand-in is a fake ``pynvml`` module for the NVML part of the sampler.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import logging
@@ -22,11 +23,13 @@ import nbformat
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from airgpu_nb import engine, metrics
+from airgpu_nb import metrics
 from airgpu_nb.airflow_task import run_notebook_task
 from airgpu_nb.errors import RunError
+from airgpu_nb.idle import apply_idle_note, idle_threshold_from_env, warn_if_idle
+from airgpu_nb.keys import IDLE_TAG
 from airgpu_nb.run import execute
-from airgpu_nb.telemetry import Sampler, percentile, summarise
+from airgpu_nb.telemetry import Sampler, annotate, interval_from_env, percentile, summarise
 
 MB = 2**20
 
@@ -208,14 +211,14 @@ def test_summarise_without_gpu_data_and_with_mig_slices():
 
 
 def test_interval_and_threshold_come_from_the_environment(caplog):
-    assert engine.interval_from_env({}) == 1.0
-    assert engine.interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "0.25"}) == 0.25
+    assert interval_from_env({}) == 1.0
+    assert interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "0.25"}) == 0.25
     with caplog.at_level(logging.WARNING):
-        assert engine.interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "fast"}) == 1.0
-        assert engine.interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "0"}) == 1.0
+        assert interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "fast"}) == 1.0
+        assert interval_from_env({"AIRGPU_TELEMETRY_INTERVAL": "0"}) == 1.0
     assert "AIRGPU_TELEMETRY_INTERVAL" in caplog.text
-    assert engine.idle_threshold_from_env({"AIRGPU_IDLE_THRESHOLD": "35"}) == 35.0
-    assert engine.idle_threshold_from_env({}) == 20.0
+    assert idle_threshold_from_env({"AIRGPU_IDLE_THRESHOLD": "35"}) == 35.0
+    assert idle_threshold_from_env({}) == 20.0
 
 
 def test_engine_module_imports_first_cheaply_and_papermill_still_registers_it():
@@ -327,17 +330,17 @@ def test_idle_gpu_run_gets_warning_note_and_log(tmp_path, fast_sampling, fake_nv
     source = prepared_notebook(tmp_path / "idle.ipynb", "x = 1",
                                "import time\ntime.sleep(1.2)  # waiting on input")
     output = tmp_path / "out" / "run-1" / "idle.ipynb"
-    with caplog.at_level(logging.WARNING, logger="airgpu_nb.engine"):
+    with caplog.at_level(logging.WARNING, logger="airgpu_nb.idle"):
         outcome = execute(source, output)
     assert outcome.telemetry["gpu_util_mean"] == 2.0 and outcome.telemetry["gpu_count"] == 1
     nb = nbformat.read(output, as_version=4)
     note = nb.cells[0]
-    assert note.cell_type == "markdown" and note.metadata["tags"] == [engine.IDLE_TAG]
+    assert note.cell_type == "markdown" and note.metadata["tags"] == [IDLE_TAG]
     assert "Mean utilisation was 2.0 %" in note.source and "warning under 20 %" in note.source
     assert "`import time`: 2.0 % over 1.2 s" in note.source  # the least busy cell, named
     for advice in ("Larger batches", "prefetch", "--mig 1g.10gb", "Fewer GPUs"):
         assert advice in note.source
-    assert sum(engine.IDLE_TAG in c.metadata.get("tags", []) for c in nb.cells) == 1
+    assert sum(IDLE_TAG in c.metadata.get("tags", []) for c in nb.cells) == 1
     assert "GPU mostly idle" in caplog.text and "In [2]" in caplog.text
     families = {f.name: f for f in text_string_to_metric_families(
         output.with_name("idle.prom").read_text())}
@@ -358,17 +361,17 @@ def synthetic_run(util: float | None, gpus_requested: int | str = 1, with_gpu: b
               "mem_total_mb": 8000.0, "power_w": 60.0}] if with_gpu else [])
     samples = [{"t": float(t), "cpu_pct": 90.0, "rss_mb": 500.0, "gpus": gpus}
                for t in range(11)]
-    telemetry = engine.annotate(nb, samples, 1.0, {0: (0.0, 2.5), 1: (2.5, 10.0)},
+    telemetry = annotate(nb, samples, 1.0, {0: (0.0, 2.5), 1: (2.5, 10.0)},
                                 gpu_available=with_gpu)
     return nb, telemetry
 
 
 def test_idle_note_names_cells_by_idle_time_and_is_replaced_not_duplicated():
     nb, telemetry = synthetic_run(util=3.0)
-    first = engine.warn_if_idle(nb, telemetry, threshold=20)
-    second = engine.warn_if_idle(nb, telemetry, threshold=20)
+    first = warn_if_idle(nb, telemetry, threshold=20)
+    second = warn_if_idle(nb, telemetry, threshold=20)
     assert first == second and first is not None
-    notes = [c for c in nb.cells if engine.IDLE_TAG in c.metadata.get("tags", [])]
+    notes = [c for c in nb.cells if IDLE_TAG in c.metadata.get("tags", [])]
     assert len(notes) == 1 and nb.cells[0] is notes[0]
     # model.fit held the GPU longest while idle: it comes first.
     assert first.index("model.fit(ds)") < first.index("load()")
@@ -383,16 +386,16 @@ def test_idle_note_names_cells_by_idle_time_and_is_replaced_not_duplicated():
 ])
 def test_no_idle_note_when_busy_unrequested_or_unmeasured(util, requested, with_gpu, threshold):
     nb, telemetry = synthetic_run(util, requested, with_gpu)
-    engine.apply_idle_note(nb, "stale note from an earlier run")  # must be cleared
-    assert engine.warn_if_idle(nb, telemetry, threshold=threshold) is None
-    assert not any(engine.IDLE_TAG in c.metadata.get("tags", []) for c in nb.cells)
+    apply_idle_note(nb, "stale note from an earlier run")  # must be cleared
+    assert warn_if_idle(nb, telemetry, threshold=threshold) is None
+    assert not any(IDLE_TAG in c.metadata.get("tags", []) for c in nb.cells)
 
 
 def test_idle_threshold_env_and_all_gpus_request(monkeypatch):
     nb, telemetry = synthetic_run(util=60.0, gpus_requested="all")
-    assert engine.warn_if_idle(nb, telemetry) is None
+    assert warn_if_idle(nb, telemetry) is None
     monkeypatch.setenv("AIRGPU_IDLE_THRESHOLD", "75")
-    assert "warning under 75 %" in engine.warn_if_idle(nb, telemetry)
+    assert "warning under 75 %" in warn_if_idle(nb, telemetry)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -400,10 +403,12 @@ def test_idle_threshold_env_and_all_gpus_request(monkeypatch):
 
 class _Capture(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, str, bytes]] = []
+    authorization: list[str | None] = []
 
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.received.append(("PUT", self.path, body))
+        self.authorization.append(self.headers.get("Authorization"))
         self.send_response(200)
         self.end_headers()
 
@@ -437,6 +442,40 @@ def test_unreachable_pushgateway_is_a_warning_not_a_failure(monkeypatch, tmp_pat
         written = metrics.publish(telemetry, tmp_path / "nb.ipynb", {"dag": "d"})
     assert written is not None and written.is_file()
     assert "could not push metrics" in caplog.text
+
+
+def test_pushgateway_credentials_become_basic_auth_and_are_never_logged(monkeypatch, tmp_path,
+                                                                      caplog):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, telemetry = synthetic_run(util=50.0)
+    try:
+        monkeypatch.setenv("AIRGPU_PUSHGATEWAY_URL",
+                           f"http://alice:s3cr%2Ft@127.0.0.1:{server.server_port}")
+        assert metrics.publish(telemetry, tmp_path / "nb.ipynb",
+                               {"dag": "d", "task": "t"}) is not None
+    finally:
+        server.shutdown()
+    # The credentials went in a header (percent-decoded), not in the request line.
+    assert _Capture.authorization[-1] == "Basic " + base64.b64encode(b"alice:s3cr/t").decode()
+    assert _Capture.received[-1][1] == "/metrics/job/airgpu/dag/d/task/t"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://alice:s3cret@127.0.0.1:9", "http://127.0.0.1:9"),  # refused
+    ("http://alice:s3cret@[::1]:9/", "http://[::1]:9/"),  # ipv6
+    ("alice:s3cret@127.0.0.1:9", "127.0.0.1:9"),  # no scheme
+    ("http://alice:s3cret@no-such-host.invalid", "http://no-such-host.invalid"),
+])
+def test_pushgateway_warning_shows_the_url_without_its_password(monkeypatch, tmp_path, caplog,
+                                                                 url, shown):
+    _, telemetry = synthetic_run(util=50.0)
+    monkeypatch.setenv("AIRGPU_PUSHGATEWAY_URL", url)
+    with caplog.at_level(logging.WARNING, logger="airgpu_nb.metrics"):
+        metrics.publish(telemetry, tmp_path / "nb.ipynb", {"dag": "d"})
+    assert "could not push metrics" in caplog.text
+    assert "s3cret" not in caplog.text and "alice" not in caplog.text
+    assert f"Pushgateway at {shown}: " in caplog.text
 
 
 def test_prometheus_file_per_gpu_series_for_mig_slices(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def test_click_promotes_writes_files_and_describes_the_result(notebook, tmp_path
     form.allow_cpu.value = True
     form.param_rows[0][1].value = "3"  # epochs
     form.add_parameter("note", "hello world")
+    assert form.button.disabled and "'note' is not set in the parameters cell" in \
+        html.unescape(form.messages.value)  # as `airgpu promote -p note ...` says
+    form.allow_new_parameters.value = True
     form.button.click()
     dag_file, prepared = dags / "panel_dag.py", dags / "panel_dag.ipynb"
     assert dag_file.is_file() and prepared.is_file()

@@ -10,12 +10,12 @@ pool like the local target, since the containers share the box's GPUs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
 from ..spec import PromotionSpec
-from . import _container as c
+from . import base as c
 
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")  # an index or a GPU-UUID
 _VOLUME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
@@ -26,15 +26,11 @@ DEFAULT_OUTPUTS_VOLUME = "airgpu-outputs"
 class DockerTarget:
     name: str = "docker"
     template: str = "docker.py.j2"
-    option_names: frozenset[str] = field(default_factory=lambda: c.accepted("docker"))
     queue: str = "gpu"  # a worker on the GPU box, which reaches its Docker daemon
 
-    def validate(self, spec: PromotionSpec) -> None:
-        c.no_mig(spec, self.name)
-        c.check_options(spec, self.name, self.option_names)
-        self.context(spec)
-
     def context(self, spec: PromotionSpec) -> dict[str, Any]:
+        c.no_mig(spec, self.name)
+        c.check_options(spec, self.name)
         opts = spec.option_map
         shm = c.parse_size(opts.get("shm_size", c.DEFAULT_SHM), "shm_size")
         memory = c.parse_size(opts["memory"], "memory") if "memory" in opts else None
@@ -72,7 +68,7 @@ def _mount(source: object, option: str, target: str, read_only: bool) -> dict[st
     text = c.check_text(source, option)
     if text.startswith("/"):
         kind = "bind"
-    elif _VOLUME_RE.match(text):
+    elif _VOLUME_RE.fullmatch(text):
         kind = "volume"
     else:
         raise SpecError(f"{c.flag(option)} takes an absolute host path or a Docker volume name, "
@@ -86,7 +82,7 @@ def _device_requests(spec: PromotionSpec, device_ids: object) -> list[dict[str, 
     if device_ids is not None:
         ids = c.string_list(device_ids, "device_ids")
         for device in ids:
-            if not _DEVICE_ID_RE.match(device):
+            if not _DEVICE_ID_RE.fullmatch(device):
                 raise SpecError(f"--device-id takes a GPU index or UUID, not {device!r}")
         if len(set(ids)) != len(ids):
             raise SpecError(f"--device-id names a GPU twice: {', '.join(ids)}")

@@ -13,12 +13,12 @@ training.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
 from ..spec import PromotionSpec
-from . import _container as c
+from . import base as c
 
 DEFAULT_CPU = "2"
 DEFAULT_MEMORY = "8Gi"
@@ -39,13 +39,9 @@ _TOLERATION = re.compile(r"^(?P<key>[^=:]+)(=(?P<value>[^:]*))?:(?P<effect>[A-Za
 class KubernetesTarget:
     name: str = "kubernetes"
     template: str = "kubernetes.py.j2"
-    option_names: frozenset[str] = field(default_factory=lambda: c.accepted("kubernetes"))
-
-    def validate(self, spec: PromotionSpec) -> None:
-        c.check_options(spec, self.name, self.option_names)
-        self.context(spec)
 
     def context(self, spec: PromotionSpec) -> dict[str, Any]:
+        c.check_options(spec, self.name)
         opts = spec.option_map
         cpu = _cpu_quantity(c.parse_cpu(opts.get("cpu", DEFAULT_CPU)))
         memory = c.parse_size(opts.get("memory", DEFAULT_MEMORY), "memory")
@@ -130,7 +126,7 @@ def _tolerations(extra: object) -> list[dict[str, str | None]]:
     tolerations: list[dict[str, str | None]] = [
         {"key": GPU_TAINT, "operator": "Exists", "value": None, "effect": "NoSchedule"}]
     for item in c.string_list(extra, "tolerations") if extra is not None else []:
-        match = _TOLERATION.match(item)
+        match = _TOLERATION.fullmatch(item)
         if match is None or match.group("effect") not in EFFECTS:
             raise SpecError(f"--toleration takes KEY[=VALUE]:EFFECT with EFFECT one of "
                             f"{', '.join(EFFECTS)}, not {item!r}")
@@ -145,26 +141,26 @@ def _tolerations(extra: object) -> list[dict[str, str | None]]:
 
 
 def _label_key(value: object, option: str) -> str:
-    if not isinstance(value, str) or not _LABEL_KEY.match(value):
+    if not isinstance(value, str) or not _LABEL_KEY.fullmatch(value):
         raise SpecError(f"{c.flag(option)}: {value!r} is not a valid Kubernetes label key")
     return value
 
 
 def _label_value(value: object, option: str) -> str:
-    if not isinstance(value, str) or not _LABEL_VALUE.match(value):
+    if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
         raise SpecError(f"{c.flag(option)}: {value!r} is not a valid Kubernetes label value")
     return value
 
 
 def _label(value: object, option: str) -> str:
-    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
         raise SpecError(f"{c.flag(option)}: {value!r} is not a valid Kubernetes name "
                         "(lowercase letters, digits and '-', at most 63)")
     return value
 
 
 def _name(value: object, option: str) -> str:
-    if not isinstance(value, str) or not _DNS_SUBDOMAIN.match(value):
+    if not isinstance(value, str) or not _DNS_SUBDOMAIN.fullmatch(value):
         raise SpecError(f"{c.flag(option)}: {value!r} is not a valid Kubernetes name "
                         "(lowercase letters, digits, '-' and '.')")
     return value

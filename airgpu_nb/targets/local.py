@@ -2,35 +2,33 @@
 
 With LocalExecutor (or ``airflow dags test``) the queue is ignored and the pool alone keeps two
 runs off one GPU; with CeleryExecutor the ``gpu`` queue sends the task to a GPU worker.
+
+``compose`` is the same task meant for ``docker/docker-compose.yml``: its GPU worker alone
+listens on queue ``gpu`` and holds the GPU reservation, the DAG folder is mounted at
+``/opt/airflow/dags`` and ``AIRGPU_OUTPUT_DIR`` points at the outputs volume, so every path the
+task uses is a path inside the container.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import SpecError
 from ..spec import PromotionSpec
+from . import base
 
 
 @dataclass(frozen=True)
-class LocalTarget:
+class WorkerTarget:
     name: str = "local"
-    template: str = "local.py.j2"
-    option_names: frozenset[str] = field(default_factory=frozenset)
+    template: str = "worker.py.j2"
     queue: str = "gpu"
 
-    def validate(self, spec: PromotionSpec) -> None:
-        if spec.gpu.mig is not None:
-            raise SpecError(
-                f"--mig needs a target that can request a MIG slice (kubernetes), not {self.name!r}"
-            )
-        unknown = set(spec.option_map) - self.option_names
-        if unknown:
-            raise SpecError(f"target {self.name!r} does not take {', '.join(sorted(unknown))}")
-
     def context(self, spec: PromotionSpec) -> dict[str, Any]:
-        return {"queue": self.queue}
+        base.no_mig(spec, self.name)
+        base.check_options(spec, self.name)
+        return {"queue": self.queue, "compose": self.name == "compose"}
 
 
-TARGET = LocalTarget()
+TARGET = WorkerTarget()
+COMPOSE = WorkerTarget(name="compose")

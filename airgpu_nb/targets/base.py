@@ -1,5 +1,5 @@
-"""What the container targets (docker, kubernetes) share: option checks and the in-container
-command.
+"""What targets share: the interface, option checks from the settings table, and the helpers
+the container targets (docker, kubernetes) build on, such as the in-container command.
 
 Container operators render their arguments with Jinja at run time, so nothing a user typed may
 reach a templated field as template text. Run-time values come from Airflow's own context
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from .. import __version__
+from .. import __version__, settings
 from ..errors import SpecError
 from ..spec import PromotionSpec
 
@@ -25,47 +25,48 @@ DEFAULT_SHM = "2g"
 DEFAULT_USER = "1000:1000"  # the `airgpu` user of docker/Dockerfile.runtime
 OUTPUT_URL_SCHEMES = ("s3://", "gs://", "abs://", "adl://", "hdfs://")
 
-# spec.options key -> the promote flag that sets it (for error messages and the header).
-OPTION_FLAGS: Mapping[str, str] = {
-    "namespace": "--namespace",
-    "service_account": "--service-account",
-    "node_selector": "--node-selector",
-    "tolerations": "--toleration",
-    "gpu_product": "--gpu-product",
-    "gpu_sharing": "--gpu-sharing",
-    "device_ids": "--device-id",
-    "cpu": "--cpu",
-    "memory": "--memory",
-    "shm_size": "--shm-size",
-    "user": "--user",
-    "notebooks_volume": "--notebooks-volume",
-    "outputs_volume": "--outputs-volume",
-    "outputs_url": "--outputs-url",
-}
-
-_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
 _JINJA_OPENERS = ("{{", "{%", "{#")
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|k|m|g|t|Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_SIZE_RE = re.compile(r"(\d{1,15}(?:\.\d{1,6})?)\s*(b|k|m|g|t|Ki|Mi|Gi|Ti|K|M|G|T)?")
 _SIZE_FACTORS = {
     None: 1, "b": 1,
     "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,  # docker's lowercase units: binary
     "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
     "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
 }
-_CPU_RE = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
+_CPU_RE = re.compile(r"(\d{1,9}(?:\.\d{1,6})?)(m?)")
+
+
+class Target(Protocol):
+    """Turns a validated spec into the context its Jinja2 template renders.
+
+    ``context`` is computed once per promotion and is where a target refuses settings it cannot
+    honour (``SpecError``, one line naming the flag).
+    """
+
+    name: str
+    template: str  # file name under airgpu_nb/templates/
+
+    def context(self, spec: PromotionSpec) -> dict[str, Any]:
+        """Template variables beyond the common ones (see ``render.common_context``)."""
 
 
 def flag(option: str) -> str:
-    return OPTION_FLAGS.get(option, f"option {option!r}")
+    return settings.flag(option)
 
 
-def check_options(spec: PromotionSpec, target: str, accepted: Iterable[str]) -> None:
-    """One clear line for an option this target cannot honour, naming the flag."""
-    unknown = sorted(set(spec.option_map) - set(accepted))
-    if unknown:
-        takers = [t for t, names in _TAKERS.items() if unknown[0] in names]
-        hint = f" (it is for the {' or '.join(takers)} target)" if takers else ""
-        raise SpecError(f"target {target!r} does not take {flag(unknown[0])}{hint}")
+def check_options(spec: PromotionSpec, target: str) -> None:
+    """One clear line for a setting this target cannot honour, naming the flag and the target
+    that takes it (the settings table says which targets take what)."""
+    for name in sorted(spec.option_map):
+        row = settings.BY_NAME.get(name)
+        if row is None or not row.option:
+            raise SpecError(f"unknown target option {name!r}")
+        if not row.takes(target):
+            raise SpecError(f"target {target!r} does not take {row.cli_flag} (it is for the "
+                            f"{' or '.join(settings.takers(name))} target)")
+    if spec.image is not None and not settings.row("image").takes(target):
+        raise SpecError(f"target {target!r} does not take --image (it runs no container)")
     if "outputs_url" in spec.option_map and "outputs_volume" in spec.option_map:
         raise SpecError("give --outputs-volume or --outputs-url, not both")
 
@@ -81,22 +82,23 @@ def check_text(value: object, option: str) -> str:
     """A string option that will sit in a templated operator field: no Jinja delimiters."""
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{flag(option)} takes a non-empty string, not {value!r}")
-    if any(opener in value for opener in _JINJA_OPENERS) or "\n" in value:
+    if any(opener in value for opener in _JINJA_OPENERS) or settings.has_control_characters(
+            value):
         raise SpecError(f"{flag(option)} value {value!r} may not contain '{{{{', '{{%', '{{#' "
-                        "or a newline")
+                        "or control characters")
     return value
 
 
 def image(spec: PromotionSpec) -> str:
     chosen = spec.image or DEFAULT_IMAGE
-    if not _IMAGE_RE.match(chosen):
+    if not _IMAGE_RE.fullmatch(chosen):
         raise SpecError(f"invalid image reference {chosen!r}")
     return chosen
 
 
 def parse_size(value: object, option: str) -> int:
     """Bytes from '2g' / '512m' (docker, binary), '2Gi' (binary) or '2G' (SI)."""
-    match = _SIZE_RE.match(str(value).strip()) if isinstance(value, (str, int)) else None
+    match = _SIZE_RE.fullmatch(str(value).strip()) if isinstance(value, (str, int)) else None
     if match is None or isinstance(value, bool):
         raise SpecError(f"{flag(option)} takes a size such as 512m, 2g, 2Gi or 2G, not {value!r}")
     size = int(float(match.group(1)) * _SIZE_FACTORS[match.group(2)])
@@ -107,7 +109,7 @@ def parse_size(value: object, option: str) -> int:
 
 def parse_cpu(value: object) -> int:
     """Millicores from '2', '0.5' or '500m'."""
-    match = _CPU_RE.match(str(value).strip()) if isinstance(value, (str, int, float)) else None
+    match = _CPU_RE.fullmatch(str(value).strip()) if isinstance(value, (str, int, float)) else None
     if match is None or isinstance(value, bool):
         raise SpecError(f"--cpu takes a number of cores such as 2, 0.5 or 500m, not {value!r}")
     milli = float(match.group(1)) * (1 if match.group(2) else 1000)
@@ -173,24 +175,11 @@ def container_command(spec: PromotionSpec, output_dir: str) -> list[str]:
     ]
 
 
-# Which target takes which option (for the hint in check_options).
-_TAKERS: Mapping[str, frozenset[str]] = {
-    "docker": frozenset({"device_ids", "cpu", "memory", "shm_size", "user", "notebooks_volume",
-                         "outputs_volume", "outputs_url"}),
-    "kubernetes": frozenset({"namespace", "service_account", "node_selector", "tolerations",
-                             "gpu_product", "gpu_sharing", "cpu", "memory", "shm_size", "user",
-                             "notebooks_volume", "outputs_volume", "outputs_url"}),
-}
-
-
-def accepted(target: str) -> frozenset[str]:
-    return _TAKERS[target]
-
-
 def parse_user(value: object) -> tuple[int, int]:
     """'UID[:GID]' as numbers, never root: containers run as a non-root user."""
     text = str(value)
-    match = re.match(r"^(\d+)(?::(\d+))?$", text) if isinstance(value, (str, int)) else None
+    match = re.fullmatch(r"(\d{1,10})(?::(\d{1,10}))?", text) if isinstance(value, (str, int)) \
+        else None
     if match is None or isinstance(value, bool):
         raise SpecError(f"--user takes a numeric UID[:GID] such as 1000:1000, not {value!r}")
     uid = int(match.group(1))
