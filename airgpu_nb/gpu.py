@@ -98,7 +98,8 @@ def status_html(info: dict[str, Any]) -> str:
 
 
 def verify(gpus: int | str = 1, allow_cpu: bool = False) -> dict[str, Any]:
-    """The injected cell's check, run in this process; the report says ``ok`` or why not."""
+    """The injected cell's check (TensorFlow probed in a child process); the report says
+    ``ok`` or why not."""
     return gpu_check.gpu_report(gpus, allow_cpu)
 
 

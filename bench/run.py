@@ -245,7 +245,8 @@ def bench_check_in_kernel(work: Path, env: dict[str, str], reps: int) -> None:
         line(f"check cell, notebook {kind}: papermill wall, with vs without",
              f"+{t_check - t_plain:.2f} s", f"{t_check:.1f} s vs {t_plain:.1f} s")
         line(f"check cell, notebook {kind}: kernel peak RSS, with vs without",
-             f"{rss_check - rss_plain:+.0f} MiB", f"{rss_check:.0f} MiB vs {rss_plain:.0f} MiB")
+             f"{round(rss_check - rss_plain):+d} MiB",
+             f"{rss_check:.0f} MiB vs {rss_plain:.0f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:

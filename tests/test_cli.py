@@ -43,8 +43,8 @@ def test_promote_writes_the_dag_and_prepared_copy_and_leaves_the_source_alone(nb
 def test_p_and_r_values_keep_their_types(nb, tmp_path, capsys):
     dags = tmp_path / "dags"
     assert main(["promote", str(nb), "--dags-dir", str(dags), "--json",
-                 "--allow-new-parameters", "-p", "a", "1", "-p", "b", "1.5", "-p", "c", "True", "-p", "d", "None", "-r", "e", "1",
-                 "-p", "f", "x y"]) == 0
+                 "--allow-new-parameters", "-p", "a", "1", "-p", "b", "1.5", "-p", "c", "True",
+                 "-p", "d", "None", "-r", "e", "1", "-p", "f", "x y"]) == 0
     params = json.loads(capsys.readouterr().out)["parameters"]
     assert params == {"epochs": 3, "a": 1, "b": 1.5, "c": True, "d": None, "e": "1", "f": "x y"}
 

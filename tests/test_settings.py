@@ -22,7 +22,8 @@ AWKWARD_ARGS = [
     "--retry-delay", "60", "--timeout", "7200", "--start-date", "2025-03-04", "--catchup",
     "--no-telemetry", "--output-dir", "runs", "--allow-cpu", "--gpus", "2",
     "-r", "quote", "it's \"both\"", "-r", "newline", "a\nb\r\n\tc", "-r", "dash", "--x",
-    "-p", "lr", "-0.5", "-p", "flag", "False", "-p", "nothing", "None", "-r", "uni", "日本 🚀\u2028x",
+    "-p", "lr", "-0.5", "-p", "flag", "False", "-p", "nothing", "None",
+    "-r", "uni", "日本 🚀\u2028x",
 ]
 
 
