@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .errors import SpecError
-from .spec import normalise_schedule, validate_parameter, validate_schedule
+from .spec import normalise_schedule, parse_gpus, validate_parameter, validate_schedule
 
 
 class Invalid(ValueError):
@@ -157,16 +157,10 @@ class Gpus(Kind):
         return value
 
     def from_text(self, text: str) -> Any:
-        text = text.strip()
-        if text == "all":
-            return text
         try:
-            value = int(text)
-        except ValueError:
-            raise Invalid(f"--gpus takes a whole number >= 0 or 'all', not {text!r}") from None
-        if value < 0:
-            raise Invalid(f"--gpus must be >= 0, not {value}")
-        return self.check(value)
+            return self.check(parse_gpus(text.strip()))
+        except SpecError as exc:
+            raise Invalid(str(exc)) from None
 
 
 class Schedule(Kind):
