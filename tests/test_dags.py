@@ -46,7 +46,8 @@ def test_a_promoted_dag_with_awkward_values_imports_and_keeps_them(tmp_path):
     values = {"quote": "it's \"x\"", "nl": "a\nb", "uni": "ünï 🚀", "n": 3, "f": 0.5,
               "b": True, "none": None}
     path = write_notebook(tmp_path / "odd name (1).ipynb", "pass", parameters="quote = ''")
-    result = promote(path, dags_dir=tmp_path / "dags", parameters=values, schedule="0 3 * * 1",
+    result = promote(path, dags_dir=tmp_path / "dags", parameters=values, allow_new_parameters=True,
+                     schedule="0 3 * * 1",
                      gpus=2, tags=["x'y"]).write()
     bag = dagbag(tmp_path / "dags")
     assert bag.import_errors == {}
