@@ -116,10 +116,6 @@ def _check_image(value: str) -> None:
         raise SpecError(f"invalid image reference {value!r}")
 
 
-def _relative_output(value: str) -> None:
-    """Checked later, per layer (a notebook may only name a folder inside the output root)."""
-
-
 SETTINGS: tuple[Setting, ...] = (
     Setting("target", Choice("target", _targets), "local",
             "where the notebook runs (default: local, the Airflow worker itself)",
@@ -148,7 +144,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image", Checked("a container image reference", _check_image), None,
             "container image (default: the airgpu-nb runtime image)", targets=CONTAINERS,
             panel="text"),
-    Setting("output_dir", Text("a folder path", extra=_relative_output), None,
+    Setting("output_dir", Text("a folder path"), None,
             "where runs keep executed notebooks (default: $AIRGPU_OUTPUT_DIR or "
             "$AIRFLOW_HOME/airgpu-outputs); relative to the DAG file", metavar="DIR"),
     Setting("dags_dir", Text("a folder path"), None, "where the DAG and the prepared notebook "
