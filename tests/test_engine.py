@@ -126,20 +126,26 @@ def _watched(folder: Path, output: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _kill_during_a_write(proc: subprocess.Popen, folder: Path, output: Path, delay: float,
+def _kill_during_a_write(proc: subprocess.Popen, folder: Path, output: Path, nth: int,
                          deadline: float) -> bool:
-    """After ``delay`` s, SIGKILL ``proc`` the moment a write shows in ``folder``."""
-    time.sleep(delay)
+    """SIGKILL ``proc`` the moment the ``nth`` write shows in ``folder``.
+
+    Counting writes instead of sleeping keeps the test strong on any machine speed: a
+    fast machine finishes a run in the time a slow one takes to start it.
+    """
     before = _watched(folder, output)
+    seen = 0
     while proc.poll() is None and time.monotonic() < deadline:
         now = _watched(folder, output)
         if now != before:
-            kernels = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGKILL)
-            for kernel in kernels:  # a killed papermill leaves its kernel behind
-                with contextlib.suppress(psutil.Error):
-                    kernel.kill()
-            return True
+            seen += 1
+            if seen >= nth:
+                kernels = psutil.Process(proc.pid).children(recursive=True)
+                proc.send_signal(signal.SIGKILL)
+                for kernel in kernels:  # a killed papermill leaves its kernel behind
+                    with contextlib.suppress(psutil.Error):
+                        kernel.kill()
+                return True
         before = now
         time.sleep(0.001)
     return False
@@ -160,7 +166,7 @@ def test_sigkill_during_a_run_with_large_outputs_never_leaves_a_torn_notebook(tm
             [str(PAPERMILL), str(source), str(output), "--engine", "airgpu",
              "--no-progress-bar"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            killed_runs += _kill_during_a_write(proc, folder, output, rng.uniform(1.0, 7.0),
+            killed_runs += _kill_during_a_write(proc, folder, output, rng.randint(1, 40),
                                                 deadline=time.monotonic() + 40)
         finally:
             if proc.poll() is None:
