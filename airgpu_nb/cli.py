@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from . import __version__
-from . import settings as table
+from . import __version__, options
 from .errors import AirgpuError, SpecError
 from .spec import parse_gpus
 
@@ -28,19 +27,19 @@ class _Parser(argparse.ArgumentParser):
 def add_promote_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `airgpu promote`, `%airgpu promote` and `%airgpu panel`: the settings
     table's rows (see :mod:`airgpu_nb.settings`), plus --force."""
-    table.add_promote_options(parser)
+    options.add_promote_options(parser)
     parser.add_argument("--force", action="store_true",
                         help="overwrite a DAG or prepared notebook that was edited by hand")
 
 
 def promote_options(args: argparse.Namespace) -> dict[str, Any]:
     """Explicit settings from parsed promote options (absent ones left out)."""
-    return table.from_args(args)
+    return options.from_args(args)
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `airgpu run` and `%airgpu run`."""
-    table.add_parameter_options(parser)
+    options.add_parameter_options(parser)
     parser.add_argument("--output", help="executed notebook path (default: OUTPUT_DIR/<dag_id>/"
                         "local__<time>/<notebook>.ipynb)")
     parser.add_argument("--allow-cpu", action="store_true", default=None,
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words
     try:
-        words, parameters = table.split_parameters(words)
+        words, parameters = options.split_parameters(words)
         parser = build_parser()
         args = parser.parse_args(words)
         if parameters is not None:

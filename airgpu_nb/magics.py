@@ -24,7 +24,7 @@ from IPython.display import display
 
 from .cli import _gpus, _Parser, add_promote_options, add_run_options, promote_options
 from .errors import AirgpuError
-from .settings import split_parameters
+from .options import split_parameters
 
 SUBCOMMANDS = ("status", "use", "verify", "promote", "run", "panel")
 CELL_SUBCOMMANDS = ("profile",)

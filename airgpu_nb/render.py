@@ -60,7 +60,7 @@ def regenerate_command(spec: PromotionSpec, width: int = 92) -> list[str]:
     """The shell command that reproduces this DAG, as lines joined by `` \\`` (documentation in
     the header, not code): every setting of the spec, so settings in files cannot change what
     it writes. Run it from the folder you promoted in, adding ``--dags-dir``."""
-    from .settings import regenerate_argv
+    from .options import regenerate_argv
 
     words = [shell_word(w) for w in ("airgpu", "promote", spec.source or spec.notebook_name,
                                      *regenerate_argv(spec.settings(), spec.target))]

@@ -16,9 +16,8 @@ No I/O here and no Airflow, Docker or TensorFlow imports.
 
 from __future__ import annotations
 
-import argparse
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +39,10 @@ from .kinds import (
     _show,
     has_control_characters,
 )
-from .spec import DEFAULT_START_DATE, KNOWN_MIG_PROFILES, parse_value, validate_dag_id
+from .spec import DEFAULT_START_DATE, KNOWN_MIG_PROFILES, validate_dag_id
 
 __all__ = ["BY_NAME", "SETTINGS", "Boolean", "Integer", "Invalid", "Kind", "Setting",
-           "SpecError", "has_control_characters", "parse_layer", "regenerate_argv"]
+           "SpecError", "has_control_characters", "parse_layer", "spec_settings"]
 
 #: Longest duration a retry delay or a task timeout may have (Airflow stores them as timedelta;
 #: a 20-digit number of seconds overflows it and the DAG would not import).
@@ -298,130 +297,6 @@ def check_targets(settings: Mapping[str, Any], target: str, layer: str = "") -> 
 def applicable(settings: Mapping[str, Any], target: str) -> dict[str, Any]:
     """What a file layer (shared by many notebooks) says that this target can use."""
     return {k: v for k, v in settings.items() if k not in BY_NAME or BY_NAME[k].takes(target)}
-
-
-# -- the command line, generated ------------------------------------------------------------------
-
-PARAMETER_FLAGS = {"-p": False, "--parameter": False, "-r": True, "--raw": True}
-
-
-def add_promote_options(parser: argparse.ArgumentParser) -> None:
-    """The promote options of the CLI, ``%airgpu promote`` and ``%airgpu panel``, from the
-    table."""
-    general = parser
-    containers = parser.add_argument_group("docker and kubernetes targets")
-    for setting in SETTINGS:
-        group = containers if setting.option else general
-        if setting.name == "parameters":
-            add_parameter_options(group)
-            continue
-        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": setting.help}
-        if isinstance(setting.kind, Boolean):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["metavar"] = setting.metavar or setting.name.upper().replace("_", "-")
-            kwargs["type"] = _text_type(setting, item=setting.repeat)
-            if setting.repeat:
-                kwargs["action"] = "append"
-            if setting.name == "target":
-                kwargs["metavar"] = "|".join(_targets())
-        group.add_argument(setting.cli_flag, **kwargs)
-
-
-def add_parameter_options(parser: argparse.ArgumentParser | Any) -> None:
-    parser.add_argument("-p", "--parameter", nargs=2, metavar=("NAME", "VALUE"),
-                        action=_params_action(raw=False), dest="parameters",
-                        help="override a parameters-cell value; VALUE is read like papermill's "
-                             "-p (int, float, True/False, None, else a string); repeatable")
-    parser.add_argument("-r", "--raw", nargs=2, metavar=("NAME", "VALUE"),
-                        action=_params_action(raw=True), dest="parameters",
-                        help="like -p, but VALUE stays a string; repeatable")
-
-
-def _params_action(raw: bool) -> type[argparse.Action]:
-    class Collect(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
-            name, value = values
-            items = dict(getattr(namespace, "parameters", None) or {})
-            items[name] = value if raw else parse_value(value)
-            namespace.parameters = items
-
-    return Collect
-
-
-def _text_type(setting: Setting, item: bool) -> Callable[[str], Any]:
-    kind = setting.kind.item if item and isinstance(setting.kind, TextList) else setting.kind
-
-    def parse(text: str) -> Any:
-        try:
-            return kind.from_text(text)
-        except Invalid as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = setting.name  # argparse names the type in some messages
-    return parse
-
-
-def split_parameters(argv: Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
-    """Take every ``-p/-r NAME VALUE`` out of ``argv`` before argparse sees it.
-
-    papermill's ``-p`` takes the next two words whatever they look like; argparse would read a
-    VALUE such as ``-5x`` or ``--verbose`` as an option. Later pairs win, as in papermill.
-    """
-    rest: list[str] = []
-    found: dict[str, Any] = {}
-    words = list(argv)
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--":
-            rest += words[i:]
-            break
-        if word in PARAMETER_FLAGS and i + 2 < len(words):
-            name, value = words[i + 1], words[i + 2]
-            found[name] = value if PARAMETER_FLAGS[word] else parse_value(value)
-            i += 3
-            continue
-        rest.append(word)
-        i += 1
-    return rest, (found or None)
-
-
-def from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Explicit settings from parsed promote options, checked (absent ones left out)."""
-    found: dict[str, Any] = {}
-    for setting in SETTINGS:
-        value = getattr(args, setting.name, None)
-        if value is None:
-            continue
-        found[setting.name] = (setting.parse(value, "command line")
-                               if setting.name == "parameters" else value)
-    return found
-
-
-def regenerate_argv(settings: Mapping[str, Any], target: str) -> list[str]:
-    """Promote options that reproduce ``settings`` (as ``PromotionSpec.settings()`` records
-    them): every setting with a value, so layers in files cannot change the result."""
-    argv: list[str] = []
-    for setting in SETTINGS:
-        if not setting.in_spec or not setting.takes(target):
-            continue
-        value = settings.get(setting.name)
-        if setting.name == "parameters":
-            for name, item in (value or {}).items():
-                argv += (["-r", name, item] if isinstance(item, str)
-                         else ["-p", name, repr(item)])
-            continue
-        if value is None and not isinstance(setting.kind, Schedule):
-            continue
-        if isinstance(setting.kind, Boolean):
-            argv.append(setting.cli_flag if value else "--no-" + setting.cli_flag[2:])
-        elif setting.repeat:
-            for item in setting.kind.to_text(value):
-                argv += [setting.cli_flag, item]
-        else:
-            argv += [setting.cli_flag, *setting.kind.to_text(value)]
-    return argv
 
 
 def spec_settings(spec: Any) -> dict[str, Any]:
