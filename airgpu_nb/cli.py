@@ -120,7 +120,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import run_notebook
+    from .run import run_notebook
 
     output = run_notebook(args.notebook, dict(args.parameters or []), output=args.output,
                           allow_cpu=args.allow_cpu, progress_bar=args.progress)

@@ -218,7 +218,8 @@ class AirgpuMagics(Magics):
             raise UsageError(report["message"])
 
     def _promote(self, args: argparse.Namespace) -> None:
-        from .api import check_dag_import, render_promotion
+        from .dagbag import check_dag_import
+        from .display import render_promotion
         from .promote import promote
 
         notebook = self.notebook_path(args.notebook)
@@ -228,8 +229,8 @@ class AirgpuMagics(Magics):
         display(render_promotion(result, check, self.stale_warning(notebook)), raw=True)
 
     def _run(self, args: argparse.Namespace) -> None:
-        from .api import run_notebook
         from .errors import RunError
+        from .run import run_notebook
 
         notebook = self.notebook_path(args.notebook)
         warning = self.stale_warning(notebook)

@@ -314,7 +314,8 @@ class PromotionForm:
 
     def promote(self) -> None:
         """Promote, write, check with DagBag, and say what happened in the result area."""
-        from .api import check_dag_import, render_promotion
+        from .dagbag import check_dag_import
+        from .display import render_promotion
         from .promote import promote
 
         if self.errors():

@@ -11,8 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from airgpu_nb.api import check_dag_import
 from airgpu_nb.cli import main
+from airgpu_nb.dagbag import check_dag_import
 from airgpu_nb.keys import CHECK_TAG
 from airgpu_nb.spec import safe_dag_id
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from airgpu_nb import api, run
+from airgpu_nb import run
 from airgpu_nb.cli import main
 from airgpu_nb.container_run import main as container_main
 from airgpu_nb.errors import SpecError
@@ -109,10 +109,6 @@ def test_execute_itself_refuses_before_writing_anything(tmp_path, notebook):
     assert not marker.exists() and not output.parent.exists()
     with pytest.raises(SpecError, match="is the notebook being run"):
         run.execute(notebook, notebook, {"x": 2}, telemetry=False)
-
-
-def test_api_run_notebook_is_the_run_module_one():
-    assert api.run_notebook is run.run_notebook
 
 
 def test_the_telemetry_engine_is_found_through_papermills_public_lookup():
