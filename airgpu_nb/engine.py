@@ -128,7 +128,8 @@ class _Run:
         return kwargs
 
     def kernel_ready(self, **_: Any) -> None:
-        from .telemetry import RunRecorder, interval_from_env
+        from .telemetry import interval_from_env
+        from .timeline import RunRecorder
 
         provisioner = getattr(self.km, "provisioner", None)
         self.process = getattr(provisioner, "process", None)

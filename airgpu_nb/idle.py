@@ -1,7 +1,7 @@
 """Advice when a run held a GPU and barely used it: a log warning and a markdown note, tagged
 ``airgpu-idle-warning``, at the top of the executed notebook.
 
-Reads only the telemetry :func:`airgpu_nb.telemetry.annotate` wrote. Standard library only at
+Reads only the telemetry :func:`airgpu_nb.timeline.annotate` wrote. Standard library only at
 import time.
 """
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .telemetry import IDLE_UTIL_PCT, percentile, summarise
+from .timeline import IDLE_UTIL_PCT, percentile, summarise
 
 log = logging.getLogger(__name__)
 

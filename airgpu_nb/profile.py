@@ -13,7 +13,8 @@ from typing import Any
 from IPython.display import display
 
 from . import report
-from .telemetry import Sampler, summarise
+from .telemetry import Sampler
+from .timeline import summarise
 
 #: The profile's timeline: the report's figure, smaller (512 x 320 pixels) to sit under a cell.
 PLOT_OPTIONS: dict[str, Any] = {"title": "airgpu profile", "size": (6.4, 4.0), "dpi": 80,

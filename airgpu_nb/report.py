@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import NotebookError
 from .keys import METADATA_KEY, first_line
-from .telemetry import summarise
+from .timeline import summarise
 
 #: ``airgpu report --png``: a full-width figure, 1000 x 550 pixels.
 REPORT_SIZE = (10.0, 5.5)

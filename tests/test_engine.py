@@ -24,7 +24,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from airgpu_nb import keys
 from airgpu_nb.idle import warn_if_idle
-from airgpu_nb.telemetry import annotate
+from airgpu_nb.timeline import annotate
 from conftest import write_notebook
 
 PAPERMILL = Path(sys.executable).parent / "papermill"

@@ -29,7 +29,8 @@ from airgpu_nb.errors import RunError
 from airgpu_nb.idle import apply_idle_note, idle_threshold_from_env, warn_if_idle
 from airgpu_nb.keys import IDLE_TAG
 from airgpu_nb.run import execute
-from airgpu_nb.telemetry import Sampler, annotate, interval_from_env, percentile, summarise
+from airgpu_nb.telemetry import Sampler, interval_from_env
+from airgpu_nb.timeline import annotate, percentile, summarise
 
 MB = 2**20
 
