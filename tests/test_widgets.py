@@ -9,14 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from airgpu_nb.widgets import (
-    BUTTON_CLASS,
-    DASHBOARD_CLASS,
-    RESULT_CLASS,
-    GpuDashboard,
-    PromotionForm,
-    PromotionPanel,
-)
+from airgpu_nb.dashboard import DASHBOARD_CLASS, GpuDashboard
+from airgpu_nb.widgets import BUTTON_CLASS, RESULT_CLASS, PromotionForm, PromotionPanel
 from conftest import write_notebook
 
 
