@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words
     try:
+        _refuse_undecodable(words)
         words, parameters = options.split_parameters(words)
         parser = build_parser()
         args = parser.parse_args(words)
@@ -187,6 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"airgpu: error: unexpected {type(exc).__name__}: {_one_line(str(exc))} (a bug; "
               "rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _refuse_undecodable(words: Sequence[str]) -> None:
+    """Bytes that are not UTF-8 (Python keeps them as surrogates) cannot go into a UTF-8 DAG
+    file, notebook or JSON: one line naming the word, before anything is read or written."""
+    for word in words:
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(f"argument {os.fsencode(word)!r} is not valid UTF-8: rename the "
+                            "file or retype the value in UTF-8") from None
 
 
 def _one_line(text: str) -> str:

@@ -3,9 +3,13 @@ or a PNG timeline. Reads only what the ``airgpu`` engine wrote into the notebook
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +23,46 @@ REPORT_DPI = 100
 
 
 def load(path: str | os.PathLike[str]) -> tuple[Any, dict]:
-    """The notebook and its run telemetry; ``NotebookError`` when there is none to report."""
+    """The notebook and its run telemetry, checked against ``schemas/telemetry.schema.json``;
+    ``NotebookError`` when there is none, or when it is not what the engine writes."""
     from .notebook import read_notebook
 
     nb = read_notebook(path)
-    telemetry = (nb.metadata.get(METADATA_KEY) or {}).get("telemetry")
-    if not isinstance(telemetry, Mapping) or not isinstance(telemetry.get("samples"), list):
+    namespace = nb.metadata.get(METADATA_KEY)
+    telemetry = namespace.get("telemetry") if isinstance(namespace, Mapping) else None
+    if telemetry is None:
         raise NotebookError(f"{path} has no airgpu telemetry: run it with `airgpu run` or its "
                             "DAG (telemetry on) and report on the executed notebook")
+    _check(telemetry, "", f"{path}: metadata.{METADATA_KEY}.telemetry")
+    for index, cell in enumerate(nb.cells):
+        cell_namespace = cell.get("metadata", {}).get(METADATA_KEY)
+        if isinstance(cell_namespace, Mapping) and "telemetry" in cell_namespace:
+            _check(cell_namespace["telemetry"], "cell", f"{path}: cell {index}'s telemetry")
+        elif cell_namespace is not None and not isinstance(cell_namespace, Mapping):
+            raise NotebookError(f"{path}: cell {index}'s metadata.{METADATA_KEY} is not an "
+                                "object: not written by airgpu")
     return nb, dict(telemetry)
+
+
+@cache
+def _validator(definition: str) -> Any:
+    import jsonschema  # nbformat's own dependency
+
+    schema = json.loads(resources.files(__package__).joinpath(
+        "schemas/telemetry.schema.json").read_text(encoding="utf-8"))
+    if definition:
+        schema = {**schema, "$ref": f"#/$defs/{definition}"}
+        for key in ("type", "required", "properties"):
+            schema.pop(key, None)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _check(value: Any, definition: str, where: str) -> None:
+    error = next(iter(_validator(definition).iter_errors(value)), None)
+    if error is not None:
+        at = "/".join(str(part) for part in error.absolute_path) or "top level"
+        raise NotebookError(f"{where} is damaged at {at} ({first_line(error.message)[:120]}): "
+                            "not as the airgpu engine writes it; run the notebook again")
 
 
 def build(nb: Any, telemetry: Mapping[str, Any]) -> dict:
@@ -157,13 +192,43 @@ def _reading(sample: Mapping[str, Any], index: int, uuid: str) -> Mapping[str, A
 
 def report(path: str | os.PathLike[str], png: str | os.PathLike[str] | None = None) -> dict:
     """Load, build and (optionally) draw: what `airgpu report` prints."""
+    target = None if png is None else _png_target(png)
     nb, telemetry = load(path)
     result = build(nb, telemetry)
     result["notebook"] = str(path)
-    if png is not None:
+    if target is not None:
         image = plot(telemetry["samples"], cell_marks(result), title=Path(path).name)
-        target = Path(png)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(image)
+        _write_atomically(target, image)
         result["png"] = str(target)
     return result
+
+
+def _png_target(png: str | os.PathLike[str]) -> Path:
+    """``--png FILE`` checked before anything is drawn: a ``.png`` file, not a folder."""
+    target = Path(png)
+    if target.is_dir():
+        raise NotebookError(f"--png {png}: is a folder; give a file name such as "
+                            f"{target / 'report.png'}")
+    if target.suffix.lower() != ".png":
+        raise NotebookError(f"--png {png}: the file name must end in .png (the drawing is a "
+                            "PNG image)")
+    return target
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """A temporary file beside ``target``, then a rename: a reader never sees half a PNG."""
+    import tempfile
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise NotebookError(f"--png {target}: cannot write it: {exc.strerror or exc}") from None
