@@ -102,7 +102,68 @@ def build_parser() -> argparse.ArgumentParser:
                     "with cell boundaries into FILE")
     rp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     rp.set_defaults(func=cmd_report)
+
+    from .healthcheck import add_options as add_healthcheck_options
+
+    hc = sub.add_parser("healthcheck-dag", help="write a standing DAG that checks the GPUs of a "
+                        "worker pool or GPU node pool on a schedule",
+                        description="Write DAGS_DIR/<dag_id>.py: the GPU check (NVML, TensorFlow "
+                        "and a test op) once per GPU slot, with Prometheus metrics; a failed "
+                        "slot fails its task naming the node and the cause.")
+    add_healthcheck_options(hc)
+    hc.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    hc.set_defaults(func=cmd_healthcheck_dag)
+    add_deployment_commands(sub)
     return parser
+
+
+def add_deploy_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `deploy` and `trigger` (CLI and magics): where the DAG file is, how long to
+    wait for the deployment to parse it."""
+    parser.add_argument("dag_id", metavar="DAG_ID", help="the promoted DAG's id")
+    parser.add_argument("--dags-dir", metavar="DIR", help="where the DAG was promoted to "
+                        "(default: $AIRGPU_DAGS_DIR or ./dags)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long to wait for the deployment to parse this version of "
+                        "the DAG (default: 360)")
+
+
+def add_trigger_options(parser: argparse.ArgumentParser) -> None:
+    add_deploy_options(parser)
+    options.add_parameter_options(parser)
+    parser.add_argument("--wait", action="store_true", help="follow the run until it ends: "
+                        "exit 0 on success, 1 when it failed (naming the failing cell)")
+    parser.add_argument("--run-id", metavar="ID", help="the run's id (default: Airflow's)")
+
+
+def add_runs_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dag_id", metavar="DAG_ID", help="the promoted DAG's id")
+    parser.add_argument("--limit", type=int, default=10, metavar="N",
+                        help="how many of the latest runs (default: 10)")
+
+
+def add_deployment_commands(sub: Any) -> None:
+    """`deploy`, `trigger`, `runs`: a deployment's REST API (AIRGPU_AIRFLOW_URL and
+    AIRGPU_AIRFLOW_USERNAME + _PASSWORD or AIRGPU_AIRFLOW_TOKEN)."""
+    d = sub.add_parser("deploy", help="wait until an Airflow deployment runs this version of a "
+                       "promoted DAG, then unpause it",
+                       description="Needs AIRGPU_AIRFLOW_URL (and AIRGPU_AIRFLOW_USERNAME + "
+                       "AIRGPU_AIRFLOW_PASSWORD, or AIRGPU_AIRFLOW_TOKEN). Waits until the "
+                       "deployment serves the same DAG file as DAGS_DIR/<DAG_ID>.py (asking it "
+                       "to re-parse), reports an import error in one line, unpauses the DAG.")
+    add_deploy_options(d)
+    d.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    d.set_defaults(func=cmd_deploy)
+    t = sub.add_parser("trigger", help="deploy, then start a run with parameters",
+                       description="Like `deploy` (when DAGS_DIR/<DAG_ID>.py exists here), then "
+                       "a run whose conf is the -p/-r parameters; --wait follows it to the end.")
+    add_trigger_options(t)
+    t.add_argument("--json", action="store_true", help="print the run as one JSON object")
+    t.set_defaults(func=cmd_trigger)
+    r = sub.add_parser("runs", help="the latest runs of a DAG on the deployment")
+    add_runs_options(r)
+    r.add_argument("--json", action="store_true", help="print the runs as a JSON list")
+    r.set_defaults(func=cmd_runs)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -115,8 +176,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     else:
         for note in result.notes:
             print(f"airgpu: note: {note}", file=sys.stderr)
-        print(f"wrote {result.dag_file}\nwrote {result.notebook_file}\n"
-              f"run it: airflow dags test {result.spec.dag_id}")
+        print("\n".join(f"wrote {path}" for path in result.written_paths()))
+        print(f"run it: airflow dags test {result.spec.dag_id}")
     return 0
 
 
@@ -156,6 +217,79 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(render_text(result))
         if args.png:
             print(f"wrote {result['png']}")
+    return 0
+
+
+def cmd_healthcheck_dag(args: argparse.Namespace) -> int:
+    from .healthcheck import write_healthcheck
+
+    path = write_healthcheck(args)
+    dag_id = path.stem
+    if args.json:
+        print(json.dumps({"dag_id": dag_id, "dag_file": str(path)}, sort_keys=True))
+    else:
+        print(f"wrote {path}\nrun it: airflow dags test {dag_id}")
+    return 0
+
+
+def _progress(args: argparse.Namespace):
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda line: print(line, file=stream, flush=True)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .airflow_api import AirflowClient, load_config
+    from .deploy import DEFAULT_PARSE_TIMEOUT_S, dag_file_for, deploy
+
+    dag_file = dag_file_for(args.dag_id, args.dags_dir)
+    with AirflowClient(load_config()) as client:
+        done = deploy(client, args.dag_id, dag_file, echo=_progress(args),
+                      timeout=args.timeout or DEFAULT_PARSE_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(done.__dict__, sort_keys=True))
+    else:
+        print(f"ready: {done.url}")
+    return 0
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from .airflow_api import AirflowClient, load_config
+    from .deploy import DEFAULT_PARSE_TIMEOUT_S, dag_file_for
+    from .watch import raise_for, render_result, start_run
+    from .watch import watch as watch_run
+
+    echo = _progress(args)
+    dag_file = dag_file_for(args.dag_id, args.dags_dir)
+    with AirflowClient(load_config()) as client:
+        run = start_run(client, args.dag_id, dict(args.parameters or {}), dag_file=dag_file,
+                        timeout=args.timeout or DEFAULT_PARSE_TIMEOUT_S, run_id=args.run_id,
+                        echo=echo)
+        run_id = str(run["dag_run_id"])
+        if not args.wait:  # the echo said "triggered RUN_ID: URL"
+            if args.json:
+                print(json.dumps({"dag_id": args.dag_id, "run_id": run_id,
+                                  "state": run.get("state"),
+                                  "url": client.ui_url(args.dag_id, run_id)}, sort_keys=True))
+            return 0
+        result = watch_run(client, args.dag_id, run_id, echo=echo)
+    if args.json:
+        print(json.dumps(result.as_dict(), sort_keys=True, default=str))
+    else:
+        for line in render_result(result):
+            print(line)
+    raise_for(result)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .airflow_api import AirflowClient, load_config
+    from .watch import list_runs, render_runs
+
+    if args.limit < 1:
+        raise SpecError(f"--limit must be at least 1, not {args.limit}")
+    with AirflowClient(load_config()) as client:
+        runs = list_runs(client, args.dag_id, args.limit)
+    print(json.dumps(runs, sort_keys=True) if args.json else render_runs(args.dag_id, runs))
     return 0
 
 

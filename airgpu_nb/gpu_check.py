@@ -3,10 +3,11 @@
 # when installed, nvidia-ml-py, so it runs in any TensorFlow image that has papermill.
 #
 # TensorFlow is probed in a child process started with this kernel's own interpreter and
-# environment (CUDA_VISIBLE_DEVICES included). The kernel's TensorFlow is never imported or
-# initialised here: the notebook can still choose its devices, virtual devices, memory limits or
-# precision policy itself, no GPU memory stays held by the kernel, and a notebook that never
-# imports TensorFlow does not pay for its import.
+# environment (CUDA_VISIBLE_DEVICES included), so the kernel's TensorFlow is not initialised here:
+# the notebook can still choose its devices, virtual devices, memory limits or threads itself,
+# and a notebook that never imports TensorFlow does not pay for its import. Only a notebook that
+# imports TensorFlow and configures none of that is probed in the kernel (`probe_in_kernel`,
+# decided at promotion), sharing the import it would pay anyway.
 import json
 import os
 import signal
@@ -24,14 +25,10 @@ PROBE_TIMEOUT_S = 300.0
 # Runs in the child: `python -c PROBE_SOURCE '{"marker": ..., "ops": null | "all" | N}'`.
 # It reports on stdout, one marker line per finding, flushed as it goes, so that a crash or a
 # timeout still leaves what was learnt before it; everything else TensorFlow prints is ignored.
+# The same `probe()` runs in the kernel itself when the promotion found that the notebook imports
+# TensorFlow and never configures its devices (`in_kernel`): then the import is shared.
 PROBE_SOURCE = r'''
 import json, os, sys, time
-args = json.loads(sys.argv[1])
-
-
-def say(item):
-    sys.stdout.write("\n" + args["marker"] + json.dumps(item) + "\n")
-    sys.stdout.flush()
 
 
 def first_line(exc):
@@ -39,49 +36,64 @@ def first_line(exc):
     return lines[0][:300] if lines else type(exc).__name__
 
 
-try:
-    import tensorflow as tf
-except ImportError as exc:
-    missing = (isinstance(exc, ModuleNotFoundError)
-               and (exc.name or "").split(".")[0] == "tensorflow")
-    say({"tensorflow": {"version": None, "built_with_cuda": False, "gpus": [],
-                        "error": None if missing else
-                        "TensorFlow cannot be imported in this kernel's environment: "
-                        + first_line(exc)}})
+def probe(ops, say):
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        missing = (isinstance(exc, ModuleNotFoundError)
+                   and (exc.name or "").split(".")[0] == "tensorflow")
+        say({"tensorflow": {"version": None, "built_with_cuda": False, "gpus": [],
+                            "error": None if missing else
+                            "TensorFlow cannot be imported in this kernel's environment: "
+                            + first_line(exc)}})
+        say({"done": True})
+        return
+    gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    build = tf.sysconfig.get_build_info()
+    say({"tensorflow": {"version": tf.__version__,
+                        "built_with_cuda": bool(tf.test.is_built_with_cuda()),
+                        "cuda_version": build.get("cuda_version"),
+                        "cudnn_version": build.get("cudnn_version"),
+                        "gpus": gpus}})
+    if ops is not None:
+        chosen = gpus if ops == "all" else gpus[:ops]
+        for device in [g.replace("/physical_device:", "/") for g in chosen] or ["/CPU:0"]:
+            say({"running": device})
+            start = time.perf_counter()
+            try:
+                with tf.device(device):
+                    x = tf.random.uniform((128, 128))
+                    y = tf.matmul(x, x)
+                    float(tf.reduce_sum(y))
+                # eager placement is soft: prove the product really ran where it was asked to
+                wanted = "device:" + device.rsplit("/", 1)[-1]
+                if not y.device.upper().endswith(wanted.upper()):
+                    raise RuntimeError("the product ran on " + y.device + " instead")
+                say({"op": {"device": device, "ok": True,
+                            "ms": round((time.perf_counter() - start) * 1000, 2)}})
+            except Exception as exc:
+                say({"op": {"device": device, "ok": False, "error": first_line(exc)}})
     say({"done": True})
-    sys.exit(0)
-gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-build = tf.sysconfig.get_build_info()
-say({"tensorflow": {"version": tf.__version__,
-                    "built_with_cuda": bool(tf.test.is_built_with_cuda()),
-                    "cuda_version": build.get("cuda_version"),
-                    "cudnn_version": build.get("cudnn_version"),
-                    "gpus": gpus}})
-if args["ops"] is not None:
-    chosen = gpus if args["ops"] == "all" else gpus[:args["ops"]]
-    for device in [g.replace("/physical_device:", "/") for g in chosen] or ["/CPU:0"]:
-        say({"running": device})
-        start = time.perf_counter()
-        try:
-            with tf.device(device):
-                x = tf.random.uniform((128, 128))
-                y = tf.matmul(x, x)
-                float(tf.reduce_sum(y))
-            # eager placement is soft: prove the product really ran where it was asked to
-            wanted = "device:" + device.rsplit("/", 1)[-1]
-            if not y.device.upper().endswith(wanted.upper()):
-                raise RuntimeError("the product ran on " + y.device + " instead")
-            say({"op": {"device": device, "ok": True,
-                        "ms": round((time.perf_counter() - start) * 1000, 2)}})
-        except Exception as exc:
-            say({"op": {"device": device, "ok": False, "error": first_line(exc)}})
-say({"done": True})
-os._exit(0)  # the report is out; TensorFlow's teardown at exit would cost most of a second
+
+
+if __name__ == "__main__":
+    args = json.loads(sys.argv[1])
+
+    def say(item):
+        sys.stdout.write("\n" + args["marker"] + json.dumps(item) + "\n")
+        sys.stdout.flush()
+
+    probe(args["ops"], say)
+    os._exit(0)  # the report is out; TensorFlow's teardown at exit would cost most of a second
 '''
 
 
 class GpuCheckError(RuntimeError):
     """Fewer GPUs are usable than the run asked for."""
+
+
+class MissingPackageError(RuntimeError):
+    """The run environment lacks a package the notebook imports."""
 
 
 def nvml_inventory():
@@ -157,13 +169,16 @@ def enable_memory_growth():
     return "left as the environment set it: " + GROWTH_ENV + "=" + repr(value)
 
 
-def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S):
+def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S, in_kernel=False):
     """TensorFlow's view from a child process: ``{"tensorflow": view, "ops": [...], "probe": ...}``.
 
     ``ops`` is None (no test work), "all" (every visible GPU) or how many GPUs to run a small
     matrix product on (the CPU when none is visible). A child that cannot start, crashes or runs
-    past ``timeout`` seconds is reported in one line, never as a traceback.
+    past ``timeout`` seconds is reported in one line, never as a traceback. ``in_kernel`` runs
+    the same probe in this process instead (TensorFlow's import is then the notebook's own).
     """
+    if in_kernel:
+        return _probe_here(ops)
     env = dict(os.environ)
     env.setdefault(GROWTH_ENV, "true")  # the child never holds a whole GPU while it tests it
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -183,15 +198,34 @@ def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S):
         out, err, code = b"", b"", None
         failure = ("the TensorFlow probe process could not start (" + repr(sys.executable)
                    + "): " + _first_line(str(exc)))
-    found = {"tensorflow": None, "ops": [], "running": None, "done": False}
+    items = []
     for line in out.decode("utf-8", "replace").splitlines():
         at = line.find(PROBE_MARKER)
         if at < 0:
             continue
         try:
-            item = json.loads(line[at + len(PROBE_MARKER):])
+            items.append(json.loads(line[at + len(PROBE_MARKER):]))
         except ValueError:
             continue
+    return _collate(items, failure, lambda: _crash(code, err), code, start, "child process")
+
+
+def _probe_here(ops):
+    """``probe()`` of PROBE_SOURCE in this process; an exception is one line, as for a child."""
+    namespace = {"__name__": "airgpu_probe"}
+    exec(compile(PROBE_SOURCE, "<airgpu probe>", "exec"), namespace)
+    items, failure, start = [], None, time.perf_counter()
+    try:
+        namespace["probe"](ops, items.append)
+    except Exception as exc:  # TensorFlow's own failures are reported, never raised
+        failure = "the TensorFlow probe failed: " + _first_line(str(exc))
+    return _collate(items, failure, lambda: "the TensorFlow probe gave no report", None, start,
+                    "kernel")
+
+
+def _collate(items, failure, crash, code, start, where):
+    found = {"tensorflow": None, "ops": [], "running": None, "done": False}
+    for item in items:
         if not isinstance(item, dict):
             continue
         if "op" in item:
@@ -200,7 +234,7 @@ def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S):
         else:
             found.update(item)
     if failure is None and not found["done"]:
-        failure = _crash(code, err)
+        failure = crash()
     tf_view = found["tensorflow"]
     if tf_view is None:
         tf_view = {"version": None, "built_with_cuda": False, "gpus": [],
@@ -213,7 +247,7 @@ def probe_tensorflow(ops=None, timeout=PROBE_TIMEOUT_S):
         "tensorflow": tf_view,
         "ops": found["ops"],
         "probe": {"seconds": round(time.perf_counter() - start, 2), "exit_code": code,
-                  "error": failure},
+                  "error": failure, "where": where},
     }
 
 
@@ -263,14 +297,15 @@ def likely_cause(report):
 
 
 def gpu_report(gpus_requested=1, allow_cpu=False, memory_growth=True, run_ops=True,
-               timeout=PROBE_TIMEOUT_S):
+               timeout=PROBE_TIMEOUT_S, in_kernel=False):
     """Everything this process can tell about its GPUs, with a verdict in ``ok``.
 
-    TensorFlow is asked in a child process (see ``probe_tensorflow``); NVML is read here.
+    TensorFlow is asked in a child process, or here ``in_kernel`` (see ``probe_tensorflow``);
+    NVML is read here.
     """
     growth = enable_memory_growth() if memory_growth else None
     wanted = "all" if gpus_requested == "all" else _as_count(gpus_requested)
-    probe = probe_tensorflow(wanted if run_ops else None, timeout)
+    probe = probe_tensorflow(wanted if run_ops else None, timeout, in_kernel)
     probe["tensorflow"]["memory_growth"] = growth
     report = {
         "ok": False,
@@ -339,20 +374,90 @@ def render_text(report):
     if probe:
         lines.append(f"  probed in             a child process, {probe['seconds']} s"
                      + (f" ({probe['error']})" if probe.get("error") else ""))
+    packages = report.get("packages")
+    if packages and packages["checked"]:
+        lines.append(f"  packages              {packages['checked']} checked: "
+                     + (packages["message"] or "all importable"))
     return "\n".join(lines)
 
 
-def verify_gpus(gpus_requested=1, allow_cpu=False):
-    """The injected cell's entry point: show the report, then fail fast if it is not ok."""
-    report = gpu_report(gpus_requested, allow_cpu)
+def check_packages(expected=(), allow_missing=False):
+    """Whether each package the notebook was prototyped with is importable here, without
+    importing it: ``expected`` holds ``[module, distribution, version]`` items recorded at
+    promotion. Missing ones fail the check unless ``allow_missing``; a different major version
+    is reported, never a failure."""
+    import importlib.metadata
+    import importlib.util
+
+    missing, different = [], []
+    for module, distribution, version in expected:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        name = distribution or module
+        if not found:
+            missing.append({"module": module, "distribution": distribution,
+                            "prototyped": version})
+            continue
+        here = None
+        for candidate in (distribution, module):
+            if candidate and here is None:
+                try:
+                    here = importlib.metadata.version(candidate)
+                except (importlib.metadata.PackageNotFoundError, ValueError):
+                    pass
+        if version and here and _major(version) != _major(here):
+            different.append({"distribution": name, "prototyped": version, "found": here})
+    ok = not missing or bool(allow_missing)
+    message = ""
+    if missing:
+        lacks = ", ".join(_lacking(m) for m in missing)
+        them = "it" if len(missing) == 1 else "them"
+        message = f"the worker lacks {lacks}: add {them} to the runtime image" + (
+            " (running anyway: --allow-missing-packages)" if allow_missing
+            else " or promote with --allow-missing-packages")
+    if different:
+        message += ("; " if message else "") + "major version differs: " + ", ".join(
+            f"{d['distribution']} {d['found']} here, prototyped with {d['prototyped']}"
+            for d in different)
+    return {"ok": ok, "checked": len(expected), "missing": missing, "different": different,
+            "allow_missing": bool(allow_missing), "message": message}
+
+
+def _lacking(item):
+    name = item["distribution"] or item["module"]
+    if item["prototyped"]:
+        return f"{name}; prototyped with {item['prototyped']}"
+    return f"{name} (not installed where it was promoted either)"
+
+
+def _major(version):
+    return str(version).split(".")[0]
+
+
+def verify_gpus(gpus_requested=1, allow_cpu=False, packages=(), allow_missing_packages=False,
+                probe_in_kernel=False):
+    """The injected cell's entry point: show the report, then fail fast if it is not ok.
+
+    ``packages`` (recorded at promotion) are checked first and cheaply; the report always
+    carries the result under ``packages``.
+    """
+    checked = check_packages(packages, allow_missing_packages)
+    report = gpu_report(gpus_requested, allow_cpu, in_kernel=probe_in_kernel)
+    report["packages"] = checked
+    gpus_ok = report["ok"]
+    report["ok"] = gpus_ok and checked["ok"]
     text = render_text(report)
     try:
         from IPython.display import display
         display({REPORT_MIME: report, "text/plain": text}, raw=True)
     except ImportError:
         print(text)
-    if not report["ok"]:
+    if not gpus_ok:
         raise GpuCheckError(report["message"])
+    if not checked["ok"]:
+        raise MissingPackageError(checked["message"])
     return report
 
 

@@ -43,3 +43,9 @@ def first_line(source: str | list[str], width: int = 60) -> str:
     text = "".join(source) if isinstance(source, list) else str(source)
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     return line if len(line) <= width else line[: width - 1] + "\u2026"
+
+
+#: ``[tool.airgpu]`` keys that configure the Airflow deployment (:mod:`airgpu_nb.airflow_api`),
+#: not a promotion; the secret ones are refused there (credentials belong in the environment).
+DEPLOYMENT_FILE_KEYS = frozenset({"airflow_url", "airflow_username"})
+DEPLOYMENT_SECRET_KEYS = frozenset({"airflow_password", "airflow_token"})

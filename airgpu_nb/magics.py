@@ -24,14 +24,17 @@ from IPython.display import display
 
 from .cli import _gpus, _Parser, add_promote_options, add_run_options, promote_options
 from .errors import AirgpuError
+from .magics_deploy import INTRO as DEPLOY_INTRO
+from .magics_deploy import SUBCOMMANDS as DEPLOY_SUBCOMMANDS
 from .options import split_parameters
 
-SUBCOMMANDS = ("status", "use", "verify", "promote", "run", "panel")
+SUBCOMMANDS = ("status", "use", "verify", "promote", "run", "panel", *DEPLOY_SUBCOMMANDS)
 CELL_SUBCOMMANDS = ("profile",)
 
 _INTRO = """airgpu: see and pick GPUs, profile a cell, and promote this notebook to an Airflow DAG.
 
-Line magic  %airgpu SUBCOMMAND [options]   subcommands: status, use, verify, promote, run, panel
+Line magic  %airgpu SUBCOMMAND [options]   subcommands: status, use, verify, promote, run, panel,
+            trigger, runs
 Cell magic  %%airgpu profile [--interval S]
 
   %airgpu status                  GPUs as NVML and TensorFlow see them, and CUDA_VISIBLE_DEVICES
@@ -41,7 +44,7 @@ Cell magic  %%airgpu profile [--interval S]
   %airgpu run -p epochs 2         run the notebook with papermill, exactly as the DAG task would
   %airgpu panel                   GPU dashboard and a one-click promotion form
   %%airgpu profile                run a cell while sampling GPU and CPU use
-
+{deploy}
 promote, run and panel act on the notebook this kernel belongs to (VS Code's
 __vsc_ipynb_file__, then JupyterLab's __session__ / $JPY_SESSION_NAME); --notebook PATH names
 another one. `%airgpu SUBCOMMAND --help` shows one subcommand's options. Every subcommand:
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--notebook", metavar="PATH", help="notebook to promote (default: this one)")
     add_promote_options(w)
 
+    from .magics_deploy import add_parsers
+
+    add_parsers(sub)
+
     c = sub.add_parser("profile", help="(cell magic) %%airgpu profile [--interval S]: run the "
                        "cell while sampling GPU utilisation and memory and the kernel's CPU and "
                        "memory")
@@ -121,7 +128,7 @@ def help_text() -> str:
     """The docstring `%airgpu?` shows: an overview, then every subcommand's own help."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    sections = [_INTRO]
+    sections = [_INTRO.format(deploy=DEPLOY_INTRO)]
     for name, child in sub.choices.items():
         prog = "%%airgpu profile" if name == "profile" else f"%airgpu {name}"
         child.prog = prog
@@ -255,6 +262,16 @@ class AirgpuMagics(Magics):
         self.panels.append(panel)
         display(panel.widget)
         panel.dashboard.start_if_gpus()
+
+    def _trigger(self, args: argparse.Namespace) -> None:
+        from .magics_deploy import trigger
+
+        trigger(args)
+
+    def _runs(self, args: argparse.Namespace) -> None:
+        from .magics_deploy import runs
+
+        runs(args)
 
     def _profile(self, args: argparse.Namespace, cell: str) -> None:
         if args.interval <= 0:

@@ -22,13 +22,17 @@ def add_promote_options(parser: argparse.ArgumentParser) -> None:
     """The promote options of the CLI, ``%airgpu promote`` and ``%airgpu panel``, from the
     table."""
     general = parser
-    containers = parser.add_argument_group("docker and kubernetes targets")
+    containers = parser.add_argument_group(
+        "container and pod targets", "settings that only the targets in brackets take")
     for setting in SETTINGS:
-        group = containers if setting.option else general
+        group = general if setting.takes("local") else containers
         if setting.name == "parameters":
             add_parameter_options(group)
             continue
-        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": setting.help}
+        shown = setting.help
+        if group is containers:
+            shown += f" [{', '.join(sorted(setting.targets or ()))}]"
+        kwargs: dict[str, Any] = {"dest": setting.name, "default": None, "help": shown}
         if isinstance(setting.kind, Boolean):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

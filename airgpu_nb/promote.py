@@ -10,12 +10,10 @@ The CLI, the magics and the panel call :func:`promote` and nothing else.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +21,27 @@ from typing import Any
 from nbformat import NotebookNode
 
 from . import settings as table
+from .bundle import Bundle, installing, plan
 from .errors import SpecError, WriteError
 from .inject import prepare
-from .keys import METADATA_KEY
+from .keys import DEPLOYMENT_FILE_KEYS, DEPLOYMENT_SECRET_KEYS, METADATA_KEY
 from .notebook import (
-    MAX_NOTEBOOK_BYTES,
     kernel_name,
     notebook_bytes,
     parameters_cell,
     read_notebook,
     read_text_file,
 )
-from .render import checksum_status, prepared_name, render_dag
+from .render import prepared_name, render_dag
 from .spec import GpuRequest, PromotionSpec, safe_dag_id
+from .writes import (
+    dags_dir_lock,
+    ensure_writable_dir,
+    notebook_checksum,
+    refuse_foreign_dag,
+    refuse_foreign_notebook,
+    stage_file,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +51,7 @@ else:  # pragma: no cover
 DAGS_DIR_ENV = "AIRGPU_DAGS_DIR"
 #: Keys a notebook's ``metadata.airgpu`` holds besides settings (written by promote and runs).
 _NOT_SETTINGS = frozenset({"generated_by", "source_notebook", "telemetry", "checksum",
-                           "settings", "notes"})
+                           "settings", "notes", "packages", "bundle"})
 _CONTAINER_TARGETS = frozenset({"docker", "kubernetes"})
 
 
@@ -65,7 +71,11 @@ def find_pyproject_settings(start: Path) -> dict[str, Any]:
             tool = data.get("tool", {})
             if not isinstance(tool, Mapping):
                 raise SpecError(f"{shown} [tool]: expected a table, got {tool!r}"[:200])
-            return table.parse_layer(tool.get("airgpu", {}), f"{shown} [tool.airgpu]")
+            own = tool.get("airgpu", {})
+            if isinstance(own, Mapping):  # the deployment's keys are the API client's
+                own = {k: v for k, v in own.items()
+                       if k not in DEPLOYMENT_FILE_KEYS | DEPLOYMENT_SECRET_KEYS}
+            return table.parse_layer(own, f"{shown} [tool.airgpu]")
     return {}
 
 
@@ -197,6 +207,7 @@ class PromotionResult:
     notebook: NotebookNode
     dag_source: str
     notes: tuple[str, ...] = field(default=())
+    bundle: Bundle | None = None  # the files and packages the notebook needs
 
     @property
     def dag_file(self) -> Path:
@@ -205,6 +216,15 @@ class PromotionResult:
     @property
     def notebook_file(self) -> Path:
         return self.dags_dir / prepared_name(self.spec)
+
+    def written_paths(self) -> list[Path]:
+        """What ``write()`` puts in the dags dir: DAG, prepared notebook, bundle, pins."""
+        paths = [self.dag_file, self.notebook_file]
+        if self.bundle is not None and self.bundle.recorded_name:
+            paths.append(self.dags_dir / self.bundle.recorded_name)
+        if self.bundle is not None and self.bundle.requirements:
+            paths.append(self.dags_dir / f"{self.spec.dag_id}.requirements.txt")
+        return paths
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -222,6 +242,8 @@ class PromotionResult:
             "advisories": list(self.notes),
             "trigger": f"airflow dags trigger {self.spec.dag_id}",
             "test": f"airflow dags test {self.spec.dag_id}",
+            "needs": self.bundle.needs.as_dict() if self.bundle else None,
+            "bundle": self.bundle.as_dict() if self.bundle else None,
         }
 
     def write(self, force: bool = False) -> PromotionResult:
@@ -232,7 +254,7 @@ class PromotionResult:
         is missing. Files airgpu-nb did not write, or that were edited since, are kept unless
         ``force``.
         """
-        _ensure_writable_dir(self.dags_dir)
+        ensure_writable_dir(self.dags_dir)
         for path in (self.notebook_file, self.dag_file):
             if path.is_symlink() or (path.exists() and not path.is_file()):
                 raise WriteError(f"{path} exists and is not a regular file; remove it or choose "
@@ -240,16 +262,18 @@ class PromotionResult:
         if self.notebook_file.resolve() == self.source_path.resolve():
             raise WriteError(f"the prepared copy would overwrite the source notebook "
                              f"{self.source_path}; choose another --dag-id or --dags-dir")
-        with _lock(self.dags_dir):
+        with dags_dir_lock(self.dags_dir):
             if not force:
-                _refuse_foreign_dag(self.dag_file)
-                _refuse_foreign_notebook(self.notebook_file)
+                refuse_foreign_dag(self.dag_file)
+                refuse_foreign_notebook(self.notebook_file)
             staged = []
             try:
-                staged.append(_stage(self.notebook_file, notebook_bytes(self.notebook)))
-                staged.append(_stage(self.dag_file, self.dag_source.encode("utf-8")))
-                os.replace(staged[0], self.notebook_file)
-                os.replace(staged[1], self.dag_file)
+                with installing(self.bundle, self.dags_dir, self.spec.dag_id) as install:
+                    staged.append(stage_file(self.notebook_file, notebook_bytes(self.notebook)))
+                    staged.append(stage_file(self.dag_file, self.dag_source.encode("utf-8")))
+                    install()  # the bundle first: a notebook never lacks its files
+                    os.replace(staged[0], self.notebook_file)
+                    os.replace(staged[1], self.dag_file)
             except OSError as exc:
                 raise WriteError(f"cannot write to {self.dags_dir}: "
                                  f"{exc.strerror or exc}") from None
@@ -258,87 +282,6 @@ class PromotionResult:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
         return self
-
-
-def _refuse_foreign_dag(path: Path) -> None:
-    if not path.exists():
-        return
-    try:
-        text = read_text_file(path, "DAG file", 16 * 2**20, WriteError)
-    except WriteError:
-        text = ""
-    state = checksum_status(text) if text else None
-    if state is False:
-        raise WriteError(f"{path} was edited by hand since it was generated; use --force to "
-                         "overwrite it")
-    if state is None:
-        raise WriteError(f"{path} exists and was not generated by airgpu-nb; use --force to "
-                         "overwrite it")
-
-
-def _refuse_foreign_notebook(path: Path) -> None:
-    if not path.exists():
-        return
-    try:
-        data = json.loads(read_text_file(path, "notebook", MAX_NOTEBOOK_BYTES, WriteError))
-        recorded = data["metadata"][METADATA_KEY]["checksum"]
-        data["metadata"][METADATA_KEY].pop("checksum")
-    except (WriteError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise WriteError(f"{path} exists and was not written by airgpu-nb; use --force to "
-                         "overwrite it") from None
-    if recorded != notebook_checksum(data):
-        raise WriteError(f"{path} was edited since airgpu-nb wrote it; use --force to "
-                         "overwrite it")
-
-
-def notebook_checksum(data: Mapping[str, Any]) -> str:
-    """sha256 of a notebook's JSON (without its checksum), keys sorted: what it was written as."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=True)
-                          .encode("ascii")).hexdigest()
-
-
-def _stage(path: Path, data: bytes) -> str:
-    """A hidden temporary file beside ``path`` holding ``data`` (not named *.py or *.ipynb)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _ensure_writable_dir(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise WriteError(f"dags dir {folder} is not a directory")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise WriteError(f"cannot create dags dir {folder}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise WriteError(f"dags dir {folder} is not writable")
-
-
-@contextlib.contextmanager
-def _lock(folder: Path) -> Iterator[None]:
-    """Serialise promotions into one dags dir (flock on the directory: no lock file is left
-    behind for the DAG processor to see)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise WriteError(f"cannot open dags dir {folder}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def default_dags_dir() -> Path:
@@ -372,10 +315,13 @@ def promote(notebook_path: str | os.PathLike[str], *,
     if kernel != spec.kernel:
         spec = spec.replace(kernel=kernel)
     folder = _choose_dags_dir(options, settings)
-    notes = tuple(n for n in (kernel_note, *advisories(nb)) if n)
-    prepared = prepare(nb, spec)
+    carried = plan(nb, path, spec.dag_id, spec.option_map, folder,
+                   bool(settings.get("requirements")))
+    notes = tuple(n for n in (kernel_note, *carried.notes(), *advisories(nb)) if n)
+    prepared = prepare(nb, spec, packages=[p.as_dict() for p in carried.needs.packages],
+                       bundle=carried.recorded_name)
     _record_checksum(prepared)
-    return PromotionResult(spec, path, folder, prepared, render_dag(spec), notes)
+    return PromotionResult(spec, path, folder, prepared, render_dag(spec), notes, carried)
 
 
 def _choose_dags_dir(explicit: Mapping[str, Any], settings: Mapping[str, Any]) -> Path:

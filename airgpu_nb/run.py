@@ -8,7 +8,7 @@ import keyword
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,9 +172,15 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
             parameters: Mapping[str, Any] | None = None, *, kernel: str | None = None,
             progress_bar: bool = False, log_output: bool = False, telemetry: bool = True,
             cell_timeout: int | None = None,
-            labels: Mapping[str, str] | None = None) -> RunOutcome:
-    """Run ``prepared`` into ``output_path``; its folder becomes the kernel's working directory so
-    files the notebook writes (models, metrics) land beside the executed notebook.
+            labels: Mapping[str, str] | None = None,
+            seed: Sequence[tuple[str, Path]] | None = None) -> RunOutcome:
+    """Run ``prepared`` into ``output_path``; files the notebook writes (models, metrics) land
+    beside the executed notebook.
+
+    A notebook that carries files (the bundle its prepared copy names, or ``seed``: relative
+    path and source pairs) runs in a fresh working directory seeded with them, and what it
+    writes there is moved beside the executed notebook; otherwise the executed notebook's
+    folder is the kernel's working directory.
 
     Bad parameters or a bad output path raise ``SpecError`` before any kernel starts. A failing
     cell, a dead kernel or a timeout raises ``RunError`` after papermill has saved the executed
@@ -186,6 +192,9 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
     """
     parameters = check_run_parameters(parameters)
     output_path = check_output_path(output_path, prepared)
+    from .workdir import seed_files, working_directory
+
+    seed = seed_files(prepared) if seed is None else seed
 
     import papermill
 
@@ -199,12 +208,13 @@ def execute(prepared: str | os.PathLike[str], output_path: str | os.PathLike[str
     sink: dict[str, Any] = {}
     engine_kwargs = {"airgpu_telemetry": sink} if engine == "airgpu" else {}
     try:
-        papermill.execute_notebook(
-            str(prepared), str(output_path), parameters=parameters,
-            kernel_name=kernel, progress_bar=progress_bar, log_output=log_output,
-            cwd=str(output_path.parent), execution_timeout=cell_timeout,
-            engine_name=engine, **engine_kwargs,
-        )
+        with working_directory(output_path.parent, seed) as cwd:
+            papermill.execute_notebook(
+                str(prepared), str(output_path), parameters=parameters,
+                kernel_name=kernel, progress_bar=progress_bar, log_output=log_output,
+                cwd=str(cwd), execution_timeout=cell_timeout,
+                engine_name=engine, **engine_kwargs,
+            )
     except PapermillExecutionError as exc:
         raise RunError(
             f"cell {exc.exec_count} raised {exc.ename}: {_first(exc.evalue)} "
@@ -232,6 +242,7 @@ def run_notebook(notebook: str | os.PathLike[str],
     from .airflow_task import default_output_dir
     from .notebook import notebook_bytes
     from .promote import promote
+    from .workdir import seed_files
 
     result = promote(notebook, allow_cpu=allow_cpu)
     spec = result.spec
@@ -242,8 +253,10 @@ def run_notebook(notebook: str | os.PathLike[str],
     with tempfile.TemporaryDirectory(prefix="airgpu-run-") as tmp:
         prepared = Path(tmp) / result.notebook_file.name
         prepared.write_bytes(notebook_bytes(result.notebook))
+        # The source's own files; a prepared copy (promoted earlier) brings its bundle.
+        seed = result.bundle.seed() if result.bundle and result.bundle.files else None
         execute(prepared, target, merged, kernel=spec.kernel, progress_bar=progress_bar,
-                telemetry=spec.telemetry)
+                telemetry=spec.telemetry, seed=seed if seed else seed_files(notebook))
     return target
 
 

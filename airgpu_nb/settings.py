@@ -58,6 +58,9 @@ ALL_TARGETS = None  # a row for every target
 CONTAINERS = frozenset({"docker", "kubernetes"})
 K8S = frozenset({"kubernetes"})
 DOCKER = frozenset({"docker"})
+# Both pod targets: the KubernetesPodOperator's pod and a KubernetesExecutor worker pod.
+PODS = frozenset({"kubernetes", "kubernetes-executor"})
+RESOURCES = CONTAINERS | {"kubernetes-executor"}  # cpu, memory, /dev/shm, user, outputs
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Setting:
     in_spec: bool = True  # False: steers promotion but is not part of the DAG (dags_dir)
     needs: str = ""  # what a target must offer, for the wrong-target message
     label: str = ""  # the panel's words for it (default: the name)
+    unset_label: str = "none"  # the panel's words for a choice left unset
 
     @property
     def cli_flag(self) -> str:
@@ -127,9 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gpus", Gpus(), 1, "GPUs the run needs (default: 1)", metavar="N|all",
             panel="text", label="GPUs"),
     Setting("mig", Choice("MIG profile", _mig_profiles, none_word="none"), None,
-            "one MIG slice instead of whole GPUs, e.g. 1g.10gb", metavar="PROFILE", targets=K8S,
-            panel="choice", label="MIG slice",
-            needs="a target that can request a MIG slice (kubernetes)"),
+            "one MIG slice instead of whole GPUs, e.g. 1g.10gb", metavar="PROFILE", targets=PODS,
+            panel="choice", label="MIG slice", unset_label="whole GPUs",
+            needs="a target that can request a MIG slice (kubernetes, kubernetes-executor)"),
     Setting("allow_cpu", Boolean(), False, "run on CPU when the GPUs are missing instead of "
             "failing (default: fail)", panel="check", label="allow CPU when no GPU"),
     Setting("kernel", Text("a kernelspec name (letters, digits, '.', '_', '-')", _KERNEL_RE),
@@ -141,7 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("parameters", Parameters(), None, "parameter values (-p NAME VALUE / -r NAME "
             "VALUE)", flag="--parameter", panel="parameters"),
     Setting("image", Checked("a container image reference", _check_image), None,
-            "container image (default: the airgpu-nb runtime image)", targets=CONTAINERS,
+            "container image (default: the airgpu-nb runtime image)", targets=RESOURCES,
             panel="text"),
     Setting("output_dir", Text("a folder path"), None,
             "where runs keep executed notebooks (default: $AIRGPU_OUTPUT_DIR or "
@@ -164,19 +168,44 @@ SETTINGS: tuple[Setting, ...] = (
             "DAG tag; repeatable (default: airgpu)", flag="--tag", metavar="TAG", repeat=True),
     Setting("telemetry", Boolean(), True, "sample GPU utilisation into the executed notebook "
             "(default: yes)"),
+    # What the notebook carries (airgpu_nb.bundle); kept in ``PromotionSpec.options``.
+    Setting("include", TextList(Text("a path relative to the notebook's folder, without '..'",
+                                     re.compile(r"(?![/\\~]|[A-Za-z]:)"
+                                                r"(?!(?:.*[/\\])?\.\.(?:[/\\]|$)).+"))),
+            None, "also carry PATH (a file or folder, relative to the notebook's folder) in "
+            "the bundle beside the DAG; repeatable", metavar="PATH", repeat=True, option=True),
+    Setting("exclude", TextList(Text("a path or glob relative to the notebook's folder, "
+                                     "without '..'",
+                                     re.compile(r"(?![/\\~]|[A-Za-z]:)"
+                                                r"(?!(?:.*[/\\])?\.\.(?:[/\\]|$)).+"))),
+            None, "leave PATH (or a glob such as 'data/*.parquet') out of the bundle; "
+            "repeatable", metavar="PATH", repeat=True, option=True),
+    Setting("bundle_limit_mb", Integer(1, 1_000_000, " of MB"), None, "largest bundle of "
+            "carried files in MB (default: 100); read bigger data from a mounted volume or "
+            "an object-store URL instead", flag="--bundle-limit", metavar="MB", option=True),
+    Setting("paused", Boolean(), False, "create the DAG paused on the deployment (Airflow's "
+            "[core] dags_are_paused_at_creation); default: not paused, it was promoted to run",
+            option=True),
+    Setting("allow_missing_packages", Boolean(), False, "run even when the worker lacks a "
+            "package the notebook imports (default: the verification cell fails)",
+            option=True),
+    Setting("requirements", Boolean(), False, "also write <dag_id>.requirements.txt beside "
+            "the DAG, pinning the packages the notebook imports (default: no)",
+            in_spec=False),
     # Target-specific options (``PromotionSpec.options``); the target checks them in depth.
     Setting("cpu", Text("CPU cores such as 2, 0.5 or 500m", re.compile(r"\d+(\.\d+)?m?"),
                         numbers=True), None,
             "CPU cores (kubernetes: requests = limits, default 2; docker: a CPU limit)",
-            targets=CONTAINERS, option=True),
+            targets=RESOURCES, option=True),
     Setting("memory", Text("a size such as 16g or 16Gi", numbers=True), None,
             "memory limit, e.g. 16g or 16Gi (kubernetes default 8Gi; must exceed --shm-size)",
-            targets=CONTAINERS, option=True),
+            targets=RESOURCES, option=True),
     Setting("shm_size", Text("a size such as 2g", numbers=True), None,
-            "size of /dev/shm (default 2g)", targets=CONTAINERS, option=True),
+            "size of /dev/shm (default 2g)", targets=RESOURCES, option=True),
     Setting("user", Text("UID[:GID]", re.compile(r"\d+(:\d+)?"), numbers=True), None,
-            "non-root user the notebook runs as (default 1000:1000, the runtime image's user)",
-            metavar="UID[:GID]", targets=CONTAINERS, option=True),
+            "non-root user the notebook runs as (default 1000:1000, the runtime image's user; "
+            "kubernetes-executor: 50000:50000, the Airflow image's)",
+            metavar="UID[:GID]", targets=RESOURCES, option=True),
     Setting("notebooks_volume", Text("a volume, claim or host path"), None, "where the "
             "container finds the prepared notebook: docker: host path or volume (default: the "
             "DAG folder); kubernetes: PVC name (default: baked into the image)",
@@ -184,7 +213,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outputs_volume", Text("a volume, claim or host path"), None, "where executed "
             "notebooks go: docker: host path or volume (default volume airgpu-outputs); "
             "kubernetes: PVC name (default airgpu-outputs)", metavar="SOURCE",
-            targets=CONTAINERS, option=True),
+            targets=RESOURCES, option=True),
     Setting("outputs_url", Text("an object-store URL"), None, "write executed notebooks to an "
             "object store instead (s3://, gs://, abs://, adl://, hdfs://)", metavar="URL",
             targets=CONTAINERS, option=True),
@@ -194,19 +223,32 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("namespace", Text("a Kubernetes namespace"), None, "namespace of the pod",
             targets=K8S, option=True),
     Setting("service_account", Text("a Kubernetes service account"), None,
-            "service account of the pod", targets=K8S, option=True),
+            "service account of the pod", targets=PODS, option=True),
     Setting("node_selector", Pairs(), None, "extra node label to match, beside "
-            "nvidia.com/gpu.present=true; repeatable", metavar="KEY=VALUE", targets=K8S,
+            "nvidia.com/gpu.present=true; repeatable", metavar="KEY=VALUE", targets=PODS,
             repeat=True, option=True, panel="list"),
     Setting("tolerations", TextList(Text("KEY[=VALUE]:EFFECT")), None, "tolerate a GPU node "
             "pool's taint, beside nvidia.com/gpu; repeatable", flag="--toleration",
-            metavar="KEY[=VALUE]:EFFECT", targets=K8S, repeat=True, option=True, panel="list"),
+            metavar="KEY[=VALUE]:EFFECT", targets=PODS, repeat=True, option=True, panel="list"),
     Setting("gpu_product", Text("a node label value"), None, "node label "
             "nvidia.com/gpu.product to match, e.g. NVIDIA-A100-SXM4-80GB", metavar="LABEL",
-            targets=K8S, option=True),
+            targets=PODS, option=True),
     Setting("gpu_sharing", Choice("GPU sharing mode", lambda: ("shared",)), None,
             "request time-sliced nvidia.com/gpu.shared instead of whole GPUs", metavar="shared",
-            targets=K8S, option=True),
+            targets=PODS, option=True),
+    Setting("kueue_queue", Text("a Kueue LocalQueue name"), None, "Kueue LocalQueue that "
+            "admits the pod (label kueue.x-k8s.io/queue-name)", metavar="QUEUE", targets=PODS,
+            option=True),
+    Setting("priority_class", Text("a PriorityClass name"), None, "priorityClassName of the "
+            "pod, for schedulers that order or preempt by priority", metavar="NAME",
+            targets=PODS, option=True),
+    Setting("safe_to_evict", Boolean(), None, "annotation cluster-autoscaler.kubernetes.io/"
+            "safe-to-evict: --no-safe-to-evict keeps a scale-down from evicting a running "
+            "training pod (default: no annotation)", targets=PODS, option=True),
+    Setting("task_executor", Boolean(), None, "set the task's executor=\"KubernetesExecutor\" "
+            "for a deployment whose default executor is another (Airflow's multiple executors; "
+            "default: the deployment's default executor)", targets=frozenset(
+                {"kubernetes-executor"}), option=True),
 )
 BY_NAME: Mapping[str, Setting] = {row.name: row for row in SETTINGS}
 OPTION_NAMES = frozenset(row.name for row in SETTINGS if row.option)

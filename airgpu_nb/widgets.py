@@ -32,8 +32,8 @@ from .spec import (
 
 BUTTON_CLASS = "airgpu-promote-button"
 RESULT_CLASS = "airgpu-result"
+CARRIED_CLASS = "airgpu-carried"
 
-TARGETS = ("local", "compose", "docker", "kubernetes")  # the order the target list shows
 _NO_SCHEDULE = "none"
 _CRON = "cron"
 _NONE = ""
@@ -64,8 +64,7 @@ class PromotionForm:
                 self._fields[row.name] = control
         if not o.get("dag_id"):
             self.dag_id.value = safe_dag_id(self.notebook.stem)
-        known = table.row("target").kind.choices()
-        self.target.options = [*TARGETS, *[t for t in known if t not in TARGETS]]
+        self.target.options = list(table.row("target").kind.choices())
         self.target.value = o.get("target") or "local"
         self._nb = nb
         for always_shown in ("target", "dag_id", "allow_cpu", "allow_new_parameters"):
@@ -89,6 +88,8 @@ class PromotionForm:
             self.add_parameter(name, repr(value))
         self.add_button = w.Button(description="add parameter", icon="plus")
         self.add_button.on_click(lambda _: self.add_parameter())
+        self.carried = w.HTML(_carried_html(nb, self.notebook, self.base, self.dags_dir.value))
+        self.carried.add_class(CARRIED_CLASS)
         self.messages = w.HTML()
         self.button = w.Button(description="Promote", button_style="primary", icon="rocket")
         self.button.add_class(BUTTON_CLASS)
@@ -104,7 +105,7 @@ class PromotionForm:
             *self._fields.values(),
             w.HTML("parameters (Python literals; plain text stays a string)"), self.params_box,
             self.add_button, w.HBox([self.allow_new_parameters, self.allow_cpu, self.force]),
-            self.dags_dir,
+            self.dags_dir, self.carried,
             self.messages, self.button, self.result,
         ])
         self._ready = True
@@ -273,7 +274,7 @@ def _control(row: table.Setting, value: Any) -> w.Widget:
                           description=label)
     if row.panel == "choice":
         choices = sorted(row.kind.choices())
-        options = ([("whole GPUs" if row.name == "mig" else "none", _NONE)]
+        options = ([(row.unset_label, _NONE)]
                    if getattr(row.kind, "none_word", None) else [])
         return w.Dropdown(options=[*options, *choices] if not options else
                           [*options, *[(c, c) for c in choices]],
@@ -298,6 +299,20 @@ def _read(row: table.Setting, control: w.Widget) -> Any:
         return items or None
     text = control.value.strip()
     return row.parse_text(text) if text else None
+
+
+def _carried_html(nb: Any, notebook: Path, options: Mapping[str, Any], dags_dir: str) -> str:
+    """What promotion will carry and check (files, packages), shown before the click."""
+    from .bundle import plan
+
+    try:
+        notes = plan(nb, notebook, options.get("dag_id") or safe_dag_id(notebook.stem), options,
+                     dags_dir).notes()
+    except AirgpuError as exc:
+        return _error_html(str(exc))
+    if not notes:
+        return "<i>carries nothing besides the notebook; imports no third-party package</i>"
+    return "<ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>"
 
 
 def _error_html(message: str) -> str:

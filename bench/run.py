@@ -91,6 +91,30 @@ def bench_promotion(work: Path) -> None:
          f"{statistics.median(samples) * 1000:.0f} ms", "bar < 500 ms")
 
 
+def bench_bundle_promotion(work: Path) -> None:
+    """Issue 9: promotion that finds and carries a notebook's files (~1 MB) and packages."""
+    from airgpu_nb.promote import promote
+
+    project = work / "bundled"
+    (project / "data").mkdir(parents=True, exist_ok=True)
+    (project / "data" / "train.bin").write_bytes(os.urandom(1_000_000))
+    (project / "features.py").write_text("import json\n\ndef load(path):\n    return path\n")
+    cells = [nbformat.v4.new_code_cell("epochs = 3", metadata={"tags": ["parameters"]}),
+             nbformat.v4.new_code_cell("%matplotlib inline\nimport numpy as np\nimport features"),
+             nbformat.v4.new_code_cell("x = np.fromfile('data/train.bin', dtype=np.uint8)")]
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}})
+    path = project / "bundled.ipynb"
+    nbformat.write(nb, path)
+    samples = []
+    for _ in range(15):
+        start = time.perf_counter()
+        result = promote(path, dags_dir=work / "bundle-dags").write(force=True)
+        samples.append(time.perf_counter() - start)
+    line(f"promotion carrying a {result.bundle.total / 1e6:.1f} MB bundle (find, copy, write)",
+         f"{statistics.median(samples) * 1000:.0f} ms", "bar < 500 ms")
+
+
 def parse_cost(path: Path) -> list[str]:
     code = ("import runpy, sys; runpy.run_path(sys.argv[1])")
     return [sys.executable, "-c", code, str(path)]
@@ -106,13 +130,13 @@ def bench_dag_import(work: Path, env: dict[str, str], reps: int) -> None:
                                                                 output=str(work / "hw-out")))
     commands = {"minimal": parse_cost(folder / "minimal.py"),
                 "papermill": parse_cost(folder / "handwritten.py")}
-    for target in ("local", "compose", "docker", "kubernetes"):
+    for target in ("local", "compose", "docker", "kubernetes", "kubernetes-executor"):
         promote(EXAMPLE, dags_dir=folder / target, allow_cpu=True, target=target).write()
         commands[target] = parse_cost(folder / target / "train_classifier.py")
     result = interleaved(commands, reps, env=env)
     base = result["minimal"]
     line("DAG file import, minimal EmptyOperator DAG (process)", f"{base:.2f} s", "baseline")
-    for target in ("local", "compose", "docker", "kubernetes"):
+    for target in ("local", "compose", "docker", "kubernetes", "kubernetes-executor"):
         bar = "bar <= 1.10x" if target != "kubernetes" else "imports the kubernetes client"
         line(f"DAG file import, generated {target} DAG vs minimal",
              f"{result[target] / base:.2f}x", bar)
@@ -252,7 +276,8 @@ def bench_check_in_kernel(work: Path, env: dict[str, str], reps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of slow benchmarks")
-    parser.add_argument("--only", help="comma-separated: promotion,import,e2e,check,kernel,extra")
+    parser.add_argument("--only", help="comma-separated: promotion,bundle,import,e2e,check,kernel,"
+                        "extra")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     print(f"airgpu-nb benchmarks on {platform.node()}: {os.cpu_count()} cores, "
@@ -269,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                            check=True, capture_output=True)
         steps = {
             "promotion": lambda: bench_promotion(work),
+            "bundle": lambda: bench_bundle_promotion(work),
             "import": lambda: bench_dag_import(work, env, max(args.reps, 5)),
             "check": lambda: bench_check_cell(env, args.reps),
             "kernel": lambda: bench_check_in_kernel(work, env, args.reps),

@@ -6,7 +6,7 @@
 #   --no-catchup --retries 1 --retry-delay 300 --timeout 21600 --tag airgpu --telemetry
 # The task takes 1 slot(s) of the `gpu` pool. Create the pool once, one slot per GPU:
 #   airflow pools set gpu "$(nvidia-smi -L | wc -l)" "one slot per GPU"
-# airgpu-checksum: sha256=f75bb596a8a2a4e2fc10ef25d479b6488023f8156b262119a76e34856e1d7a3d
+# airgpu-checksum: sha256=531f506e4d32e5424145156f30785e1d174ed72895b7eaaec80d9530fd529c80
 
 """Airflow DAG 'train_classifier': runs a prepared notebook on a GPU (airgpu-nb)."""
 
@@ -37,6 +37,7 @@ with DAG(
     schedule=None,
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc),
     catchup=False,
+    is_paused_upon_creation=False,
     tags=['airgpu'],
     params={'epochs': 8, 'batch_size': 128, 'learning_rate': 0.01, 'samples': 6000, 'seed': 7},
     default_args={

@@ -313,3 +313,14 @@ def test_the_walk_keeps_its_size():
     cases = (len(INJECTION_CASES) + 2 * len(LAYER_ROWS) + len(FS_CASES) + 3
              + len(ENCODING_CASES) + len(DAMAGE) * 3 + 3)
     assert cases >= 300, cases
+
+
+def test_deployment_keys_in_pyproject_do_not_break_promotion(nb, tmp_path, capsys):
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.airgpu]\nairflow_url = "http://airflow.local:8080"\n'
+        'airflow_username = "me"\ntags = ["team"]\n')
+    dags = tmp_path / "dags"
+    rc, _, err = _run(["promote", str(nb), "--dags-dir", str(dags)], capsys)
+    assert rc == 0, err
+    source = next(dags.glob("*.py")).read_text()
+    assert "'team'" in source and "airflow.local" not in source

@@ -15,7 +15,7 @@ import pytest
 
 from airgpu_nb.cli import main
 from airgpu_nb.gpu_check import NOT_INSTALLED, REPORT_MIME, gpu_report, likely_cause
-from airgpu_nb.inject import CHECK_TAG
+from airgpu_nb.inject import CHECK_TAG, probes_in_kernel
 from conftest import BIN, ROOT, write_notebook
 
 
@@ -277,6 +277,7 @@ def test_a_notebook_that_configures_its_devices_runs_after_the_check(tmp_path, s
     assert main(["run", str(notebook), "--allow-cpu", "--output", str(executed)]) == 0
     nb = nbformat.read(executed, as_version=4)
     assert check_report(nb)["ok"] is True
+    assert check_report(nb)["probe"]["where"] == "child process"
     assert expected in outputs_text(nb)
 
     assert main(["promote", str(notebook), "--allow-cpu", "--dags-dir",
@@ -305,3 +306,41 @@ def test_the_check_leaves_the_kernel_without_tensorflow(tmp_path):
     report = check_report(nbformat.read(executed, as_version=4))
     assert report["ok"] is True and report["tensorflow"]["version"]
     assert report["ops"][0] == {**report["ops"][0], "device": "/CPU:0", "ok": True}
+
+
+@pytest.mark.parametrize(("source", "in_kernel"), [
+    ("import tensorflow as tf\nmodel = tf.keras.Sequential()", True),
+    ("from keras import layers", True),
+    ("import numpy as np", False),  # no TensorFlow: the kernel never pays for its import
+    (LOGICAL_CPUS, False),
+    (NO_VISIBLE_GPU, False),
+    ("import tensorflow as tf\ntf.config.experimental.set_memory_growth(g, True)", False),
+    ("import tensorflow as tf\ntf.config.threading.set_inter_op_parallelism_threads(2)", False),
+    ("import os\nos.environ['CUDA_VISIBLE_DEVICES'] = '1'\nimport tensorflow", False),
+    ("import os\nos.environ['TF_GPU_ALLOCATOR'] = 'cuda_malloc_async'\nimport tensorflow",
+     False),
+])
+def test_the_probe_shares_the_kernel_only_where_nothing_configures_tensorflow(source, in_kernel):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    assert probes_in_kernel(nb) is in_kernel
+
+
+@pytest.mark.e2e
+def test_a_tensorflow_notebook_is_probed_in_its_kernel_and_imports_tensorflow_once(tmp_path):
+    seen = tmp_path / "seen.json"
+    notebook = write_notebook(tmp_path / "tf.ipynb", textwrap.dedent(f"""\
+        import json, sys
+        already = "tensorflow" in sys.modules
+        import tensorflow as tf
+        with open({str(seen)!r}, "w") as f:
+            json.dump([already, float(tf.reduce_sum(tf.ones((2, 2))))], f)
+        """), parameters="x = 1")
+    dags = tmp_path / "dags"
+    assert main(["promote", str(notebook), "--allow-cpu", "--dags-dir", str(dags)]) == 0
+    assert "probe_in_kernel=True" in (dags / "tf.ipynb").read_text()
+    executed = tmp_path / "out" / "tf.ipynb"
+    assert main(["run", str(notebook), "--allow-cpu", "--output", str(executed)]) == 0
+    assert json.loads(seen.read_text()) == [True, 4.0]  # the check's import is the notebook's
+    report = check_report(nbformat.read(executed, as_version=4))
+    assert report["probe"]["where"] == "kernel" and report["probe"]["error"] is None
+    assert report["ok"] is True and report["ops"][0]["ok"] is True

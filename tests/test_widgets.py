@@ -178,3 +178,14 @@ def test_kubernetes_fields_reach_the_dag_through_the_cli_parser(notebook, tmp_pa
     source = (tmp_path / "dags" / "Train_Model.py").read_text()
     for expected in ("1g.10gb", "registry.example/train:1", "pool", "NoSchedule"):
         assert expected in source
+
+
+def test_the_form_shows_what_promotion_will_carry_before_the_click(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("a\n1\n")
+    notebook = write_notebook(tmp_path / "reads.ipynb",
+                              "import numpy\nrows = open('data/train.csv').read()")
+    form = PromotionForm(notebook, dags_dir=str(tmp_path / "dags"))
+    shown = form.carried.value
+    assert "data/train.csv" in shown and "numpy" in shown
+    assert not (tmp_path / "dags").exists()  # shown, not written

@@ -20,6 +20,7 @@ _BUILTIN: dict[str, str] = {
     "compose": "airgpu_nb.targets.local:COMPOSE",
     "docker": "airgpu_nb.targets.docker:TARGET",
     "kubernetes": "airgpu_nb.targets.kubernetes:TARGET",
+    "kubernetes-executor": "airgpu_nb.targets.kubernetes:EXECUTOR",
 }
 _REGISTRY: dict[str, Target] = {}
 
@@ -38,7 +39,9 @@ def _entry_points() -> dict[str, str]:
 
 
 def names() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_REGISTRY) | set(_entry_points()))
+    """Built-in targets in the order help and the panel show them, then the others sorted."""
+    others = (set(_REGISTRY) | set(_entry_points())) - set(_BUILTIN)
+    return [*_BUILTIN, *sorted(others)]
 
 
 def get_target(name: str) -> Target:

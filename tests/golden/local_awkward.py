@@ -39,6 +39,7 @@ with DAG(
     schedule=None,
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc),
     catchup=False,
+    is_paused_upon_creation=False,
     tags=["a'b", 'ü'],
     params={'quote': 'it\'s "both" quotes', 'newline': 'line one\nline two\r\n\ttabbed', 'unicode': 'naïve café — 日本語 🚀', 'code_like': "'); import os; os.system('id'); ('", 'backslash': 'C:\\new\\table', 'empty': '', 'big': 1180591620717411303424, 'neg_float': -1.5e-300, 'flag': False, 'nothing': None},
     default_args={

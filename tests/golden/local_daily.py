@@ -37,6 +37,7 @@ with DAG(
     schedule='@daily',
     start_date=datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc),
     catchup=False,
+    is_paused_upon_creation=False,
     tags=['airgpu'],
     params={'epochs': 3, 'learning_rate': 0.01},
     default_args={
