@@ -53,15 +53,32 @@ def test_dockerfile_is_hadolint_clean(dockerfile):
 
 def test_the_three_images_exist_and_run_as_non_root():
     assert {p.name for p in DOCKERFILES} == {"Dockerfile.runtime", "Dockerfile.airflow",
-                                             "Dockerfile.gpu-worker"}
+                                             "Dockerfile.gpu-worker", "Dockerfile.base"}
     runtime = (DOCKER / "Dockerfile.runtime").read_text()
-    assert re.search(r"^FROM tensorflow/tensorflow:\d+\.\d+\.\d+-gpu$", runtime, re.M)
+    # The official base is the default; `make images` passes a local one where it cannot pull.
+    assert re.search(r"^ARG BASE_IMAGE=tensorflow/tensorflow:\d+\.\d+\.\d+-gpu$", runtime, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", runtime, re.M)
     assert re.search(r"^USER 1000:1000$", runtime, re.M)  # numeric: runAsNonRoot can verify
     for name in ("Dockerfile.airflow", "Dockerfile.gpu-worker"):
         text = (DOCKER / name).read_text()
-        assert re.search(r"^FROM apache/airflow:3\.3\.\d+-python3\.\d+$", text, re.M)
+        assert re.search(r"^ARG BASE_IMAGE=apache/airflow:3\.3\.\d+-python3\.\d+$", text, re.M)
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
         assert "USER root" not in text  # the Airflow image's user stays `airflow`
-    assert "tensorflow[and-cuda]==" in (DOCKER / "Dockerfile.gpu-worker").read_text()
+    assert 'TF_REQUIREMENT="tensorflow[and-cuda]==' in (
+        DOCKER / "Dockerfile.gpu-worker").read_text()
+
+
+def test_a_build_proxy_ca_is_only_ever_a_buildkit_secret():
+    """Every pip install may read the CA from the `pip_ca` secret; no Dockerfile takes it as an
+    ARG, COPYs it or sets PIP_CERT/REQUESTS_CA_BUNDLE in the image (tests/test_docker_engine.py
+    checks a built image for it)."""
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        for line in text.splitlines():
+            if re.match(r"\s*(ARG|ENV|COPY|ADD)\b", line):
+                assert not re.search(r"(?i)cert|ca[-_]?bundle|pip_ca|\.crt", line), line
+        installs = len(re.findall(r"pip install", text))
+        assert len(re.findall(r"--mount=type=secret,id=pip_ca", text)) == installs, dockerfile
 
 
 def test_stack_has_every_airflow_3_component_on_celery(compose):

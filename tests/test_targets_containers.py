@@ -8,12 +8,15 @@ papermill on this machine."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import nbformat
 import pytest
 
 from airgpu_nb import cli
@@ -134,7 +137,10 @@ def test_docker_task_reserves_n_gpus_and_runs_locked_down(tmp_path):
     assert task.shm_size == 4 * 1024**3
     assert task.mem_limit == 16 * 1024**3
     assert task.cpus == 4.0
-    assert task.auto_remove == "success"  # kept on failure for `docker logs`
+    # Kept on failure for `docker logs`: the provider's "success" removes failed ones too, so
+    # post_execute (which runs after a successful execute only) removes it instead.
+    assert task.auto_remove == "never" and task._post_execute_hook.__name__ == "remove_container"
+    assert task._pre_execute_hook.__name__ == "check_gpu_host"  # GPUs asked for: ask the daemon
     assert task.privileged is False and not task.cap_add
     assert (task.pool, task.pool_slots, task.queue) == ("gpu", 2, "gpu")
     mounts = {m["Target"]: m for m in task.mounts}
@@ -152,6 +158,7 @@ def test_docker_all_gpus_is_count_minus_one_and_zero_gpus_requests_none(tmp_path
     assert every.pool_slots == 1
     none = _docker_task(tmp_path / "b", "--gpus", "0", dag_id="dk_none")
     assert none.device_requests == []
+    assert none._pre_execute_hook is None  # nothing to ask the daemon
 
 
 def test_docker_chosen_device_ids_are_requested_by_id(tmp_path):
@@ -246,8 +253,10 @@ def test_container_command_runs_the_notebook_with_exact_params_and_local_naming(
     config["output_dir"] = str(tmp_path / "outputs")
     config["telemetry"] = False
     args[args.index("--config-json") + 1] = json.dumps(config)
+    note = "GPU request dropped: Docker 1 on h has no NVIDIA runtime; running on CPU"
     proc = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path,
+                          env={**os.environ, "AIRGPU_CPU_FALLBACK": note})
     assert proc.returncode == 0, proc.stderr[-3000:]
     executed = (tmp_path / "outputs" / "dk_run" / "scheduled__2026-01-02T03_04_05_00_00"
                 / "train.ipynb")
@@ -255,6 +264,70 @@ def test_container_command_runs_the_notebook_with_exact_params_and_local_naming(
     assert executed.is_file()
     seen = json.loads((executed.parent / "seen.json").read_text())
     assert seen == {**EXPECTED, "epochs": 2}
+    # Progress on stderr (the container's log): every cell, then a summary; and the note.
+    nb = nbformat.read(executed, as_version=4)
+    assert "airgpu-cpu-fallback" in nb.cells[0].metadata["tags"]
+    assert nb.metadata["airgpu"]["cpu_fallback"] == note
+    total = len(nb.cells) - 1
+    for number in range(1, total + 1):
+        assert f"cell {number}/{total} started" in proc.stderr, proc.stderr[-3000:]
+        assert re.search(rf"cell {number}/{total} done in \d+\.\d s", proc.stderr)
+    assert f"notebook done: {total} cells in" in proc.stderr
+    assert note in proc.stderr
+    assert "Executing Cell" not in proc.stderr  # papermill's own lines became ours
+
+
+def test_a_failed_container_run_logs_a_summary_line(tmp_path):
+    nb = write_notebook(tmp_path / "boom.ipynb", "print('before', flush=True)",
+                        "raise ValueError('boom')", parameters="x = 1")
+    config = {"dag_id": "d", "notebook": str(nb), "name": "boom.ipynb", "kernel": "python3",
+              "output_dir": str(tmp_path / "out"), "telemetry": False}
+    proc = subprocess.run([sys.executable, "-m", "airgpu_nb.container_run", "--run-id", "r",
+                           "--config-json", json.dumps(config)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "before" in proc.stderr and "cell 3/3 started" in proc.stderr
+    assert re.search(r"notebook failed after \d+\.\d s: cell \d+ raised ValueError: boom",
+                     proc.stderr), proc.stderr[-3000:]
+    assert (tmp_path / "out" / "d" / "r" / "boom.ipynb").is_file()
+
+
+# -- the GPU-less Docker host -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("info", "ok", "says"), [
+    ({"Runtimes": {"runc": {}, "nvidia": {"path": "nvidia-container-runtime"}}}, True,
+     "runtime nvidia"),
+    ({"Runtimes": {"runc": {}}, "DiscoveredDevices": [{"Source": "cdi",
+                                                       "ID": "nvidia.com/gpu=0"}]}, True,
+     "CDI nvidia.com/gpu=0"),
+    ({"Runtimes": {"runc": {}, "io.containerd.runc.v2": {}}, "ServerVersion": "20.10.24",
+      "Name": "box"}, False, "no NVIDIA runtime (runtimes: io.containerd.runc.v2, runc)"),
+    ({"Runtimes": {"runc": {}}, "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"],
+      "DiscoveredDevices": [{"Source": "cdi", "ID": "vendor.com/fpga=0"}]}, False,
+     "no NVIDIA CDI device in /etc/cdi, /var/run/cdi"),
+])
+def test_docker_info_says_whether_a_gpu_request_can_be_honoured(info, ok, says):
+    from airgpu_nb.docker_host import gpu_support, refusal
+
+    support = gpu_support(info)
+    assert support.ok is ok and says in support.detail
+    if not ok:
+        line = refusal(support)
+        assert "\n" not in line
+        for fix in ("NVIDIA Container Toolkit", "nvidia-ctk runtime configure --runtime=docker",
+                    "restart dockerd", "--allow-cpu"):
+            assert fix in line
+
+
+def test_the_docker_dag_parses_without_the_docker_host_check(tmp_path):
+    """The check is imported inside the task's hook: parsing the DAG file pays nothing."""
+    dags = promote(tmp_path, "docker", "--gpus", "1", dag_id="dk_parse")
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith('airgpu_nb')))")
+    proc = subprocess.run([sys.executable, "-c", code, str(dags / "dk_parse.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_container_run_names_a_missing_notebook_and_bad_json(tmp_path):

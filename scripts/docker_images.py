@@ -1,0 +1,208 @@
+"""Build docker/'s images: `make images` runs this, and so do the tests that drive a real engine.
+
+    python scripts/docker_images.py [--only runtime,airflow,gpu-worker] [--local-base auto|yes|no]
+
+Where the official bases (tensorflow/tensorflow, apache/airflow) can be pulled, the images are
+built on them, as on a GPU box. Where they cannot (CI, this project's machines), a local Debian
+base is made first: `debootstrap --variant=minbase bookworm` -> `docker import` ->
+docker/Dockerfile.base, and the images are built on it with `--build-arg BASE_IMAGE=...`
+(TensorFlow then comes from pip as tensorflow-cpu).
+
+A TLS-intercepting proxy's CA (the host bundle, $AIRGPU_BUILD_CA or
+/etc/ssl/certs/ca-certificates.crt) reaches pip only as the BuildKit secret `pip_ca`, never a
+layer or a build arg. Only images named `airgpu-nb-*` are created or replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER_DIR = ROOT / "docker"
+VERSION = "0.1.0"
+DEBIAN_IMAGE = "airgpu-nb-debian:bookworm"
+BASE_PYTHON = "airgpu-nb-base-python:bookworm"
+BASE_AIRFLOW = "airgpu-nb-base-airflow:bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+LOCAL_TF = "tensorflow-cpu==2.21.0"
+HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+# name -> (Dockerfile, tag, official base, local base, TF_REQUIREMENT on the local base)
+IMAGES: dict[str, tuple[str, str, str, str, str | None]] = {
+    "runtime": ("Dockerfile.runtime", f"airgpu-nb-runtime:{VERSION}",
+                "tensorflow/tensorflow:2.21.0-gpu", BASE_PYTHON, LOCAL_TF),
+    "airflow": ("Dockerfile.airflow", f"airgpu-nb-airflow:{VERSION}",
+                "apache/airflow:3.3.2-python3.11", BASE_AIRFLOW, None),
+    "gpu-worker": ("Dockerfile.gpu-worker", f"airgpu-nb-gpu-worker:{VERSION}",
+                   "apache/airflow:3.3.2-python3.11", BASE_AIRFLOW, LOCAL_TF),
+}
+
+
+class BuildError(RuntimeError):
+    """A step failed; the message is one line saying which and how to fix it."""
+
+
+def say(message: str) -> None:
+    print(f"images: {message}", file=sys.stderr, flush=True)
+
+
+def docker_client() -> str:
+    """A docker CLI that can build with BuildKit (needed for `--secret`): one with the buildx
+    plugin, or a client older than 23 (BuildKit built in), such as Debian's docker.io."""
+    candidates = [shutil.which("docker"), "/usr/bin/docker"]
+    for cli in dict.fromkeys(c for c in candidates if c and os.access(c, os.X_OK)):
+        if _ok([cli, "buildx", "version"]):
+            return cli
+        version = _output([cli, "version", "--format", "{{.Client.Version}}"]).strip()
+        major = version.split(".", 1)[0]
+        if major.isdigit() and int(major) < 23:
+            return cli
+    raise BuildError("no docker client can build with BuildKit: install the buildx plugin "
+                     "(docker-buildx) or Debian's docker.io")
+
+
+def daemon_answers(cli: str = "docker") -> bool:
+    return _ok([cli, "info", "--format", "{{.ServerVersion}}"], timeout=20)
+
+
+def image_exists(cli: str, ref: str) -> bool:
+    return _ok([cli, "image", "inspect", "--format", "{{.Id}}", ref])
+
+
+def can_use_official(cli: str, ref: str) -> bool:
+    """The official base is here already, or can be pulled now."""
+    if image_exists(cli, ref):
+        return True
+    say(f"pulling {ref} ...")
+    return _ok([cli, "pull", "--quiet", ref], timeout=1800)
+
+
+def build_debian(cli: str, rebuild: bool = False) -> None:
+    """debootstrap a minimal bookworm and import it as DEBIAN_IMAGE (about 30 s)."""
+    if image_exists(cli, DEBIAN_IMAGE) and not rebuild:
+        return
+    if shutil.which("debootstrap") is None:
+        raise BuildError("debootstrap is missing: `make sysdeps` (or apt-get install "
+                         "debootstrap) installs it")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="airgpu-nb-rootfs-", dir="/var/tmp") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        _run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), DEBIAN_MIRROR],
+             "debootstrap", quiet=True)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            _run([cli, "import", "--change", 'CMD ["/bin/bash"]', "-", DEBIAN_IMAGE],
+                 "docker import", stdin=tar.stdout, quiet=True)
+        finally:
+            if tar.stdout is not None:
+                tar.stdout.close()
+            tar.wait()
+    say(f"{DEBIAN_IMAGE} imported in {time.monotonic() - started:.0f} s")
+
+
+def build(cli: str, dockerfile: str, tag: str, args: dict[str, str],
+          target: str | None = None, ca: str | None = None) -> float:
+    """One `docker build` from the repository root; returns its seconds."""
+    command = [cli, "build", "--file", str(DOCKER_DIR / dockerfile), "--tag", tag]
+    if ca:
+        command += ["--secret", f"id=pip_ca,src={ca}"]
+    for key, value in args.items():
+        command += ["--build-arg", f"{key}={value}"]
+    if target:
+        command += ["--target", target]
+    previous = _output([cli, "image", "inspect", "--format", "{{.Id}}", tag]).strip()
+    started = time.monotonic()
+    _run([*command, str(ROOT)], f"building {tag}",
+         env={**os.environ, "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"})
+    seconds = time.monotonic() - started
+    if previous and previous != _output([cli, "image", "inspect", "--format", "{{.Id}}",
+                                         tag]).strip():
+        _ok([cli, "image", "rm", previous])  # our own image, now untagged; fails if in use
+    say(f"{tag} built in {seconds:.0f} s")
+    return seconds
+
+
+def build_images(names: Sequence[str], local_base: str = "auto",
+                 ca: str | None = None) -> dict[str, float]:
+    """Build the named images; returns seconds per image (local bases included)."""
+    cli = docker_client()
+    if not daemon_answers(cli):
+        raise BuildError("no Docker daemon answers: start dockerd (`sudo dockerd &` or "
+                         "`sudo systemctl start docker`)")
+    ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
+    ca = ca if ca and Path(ca).is_file() else None
+    times: dict[str, float] = {}
+    for name in names:
+        dockerfile, tag, official, local, local_tf = IMAGES[name]
+        use_local = local_base == "yes" or (local_base == "auto"
+                                            and not can_use_official(cli, official))
+        args: dict[str, str] = {}
+        if use_local:
+            if not image_exists(cli, local):
+                build_debian(cli)
+                times[local] = build(cli, "Dockerfile.base", local,
+                                     {"DEBIAN_IMAGE": DEBIAN_IMAGE},
+                                     target=local.split("-base-")[1].split(":")[0], ca=ca)
+            args["BASE_IMAGE"] = local
+            if local_tf:
+                args["TF_REQUIREMENT"] = local_tf
+            say(f"{tag}: on the local base {local} (official {official} not available)")
+        times[tag] = build(cli, dockerfile, tag, args, ca=ca)
+    return times
+
+
+def _ok(command: Sequence[str], timeout: float = 60) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=timeout).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _output(command: Sequence[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _run(command: Sequence[str], what: str, quiet: bool = False, **kwargs: object) -> None:
+    result = subprocess.run(command, capture_output=quiet, text=True, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        tail = (result.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise BuildError(f"{what} failed (exit {result.returncode})"
+                         + (f": {tail[0]}" if tail else ""))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/docker_images.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(IMAGES),
+                        help="comma-separated images to build (default: all three)")
+    parser.add_argument("--local-base", choices=("auto", "yes", "no"), default="auto",
+                        help="build on the local Debian base: when the official one cannot be "
+                             "pulled (auto), always, or never")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(IMAGES))
+    if unknown:
+        parser.error(f"unknown image(s) {', '.join(unknown)}; choose from {', '.join(IMAGES)}")
+    try:
+        times = build_images(names, args.local_base)
+    except BuildError as exc:
+        print(f"images: error: {exc}", file=sys.stderr)
+        return 2
+    for tag, seconds in times.items():
+        print(f"{tag}\t{seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
