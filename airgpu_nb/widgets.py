@@ -5,7 +5,9 @@ The logic lives in plain classes (:class:`GpuDashboard`, :class:`PromotionForm`)
 headless: set widget values, call ``button.click()``, read the result. Display is the magic's job.
 The form is built from the settings table (:mod:`airgpu_nb.settings`) and reads its controls with
 the table's own parsers, so the panel accepts exactly what ``airgpu promote`` accepts; one click
-calls ``promote()`` (then the DagBag check).
+calls ``promote()`` (then the DagBag check). **Promote and run** (enabled when a deployment is
+configured) promotes the same way, then adds a :class:`~airgpu_nb.runcard.RunCard` under the form
+that deploys, runs and follows the DAG in a background thread.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from . import settings as table
 from .dashboard import GpuDashboard, Probe, nvml_probe
 from .errors import AirgpuError, SpecError
 from .promote import check_parameters
+from .runcard import RunCard
 from .spec import (
     SCHEDULE_PRESETS,
     normalise_schedule,
@@ -31,6 +34,7 @@ from .spec import (
 )
 
 BUTTON_CLASS = "airgpu-promote-button"
+RUN_BUTTON_CLASS = "airgpu-promote-run-button"
 RESULT_CLASS = "airgpu-result"
 CARRIED_CLASS = "airgpu-carried"
 
@@ -94,6 +98,11 @@ class PromotionForm:
         self.button = w.Button(description="Promote", button_style="primary", icon="rocket")
         self.button.add_class(BUTTON_CLASS)
         self.button.on_click(lambda _: self.promote())
+        self.run_button = w.Button(description="Promote and run", icon="play")
+        self.run_button.add_class(RUN_BUTTON_CLASS)
+        self.run_button.on_click(lambda _: self.promote_and_run())
+        self.cards: list[RunCard] = []
+        self.runs_box = w.VBox()
         self.result = w.HTML()
         self.result.add_class(RESULT_CLASS)
         for control in (self.dag_id, self.schedule, self.cron, self.target, self.dags_dir,
@@ -106,7 +115,7 @@ class PromotionForm:
             w.HTML("parameters (Python literals; plain text stays a string)"), self.params_box,
             self.add_button, w.HBox([self.allow_new_parameters, self.allow_cpu, self.force]),
             self.dags_dir, self.carried,
-            self.messages, self.button, self.result,
+            self.messages, w.HBox([self.button, self.run_button]), self.result, self.runs_box,
         ])
         self._ready = True
         self._changed()
@@ -150,6 +159,10 @@ class PromotionForm:
         self.gpus.disabled = bool(self.mig.value) and table.row("mig").takes(target)
         problems = self.errors()
         self.button.disabled = bool(problems)
+        deployment = _deployment_problem()
+        self.run_button.disabled = bool(problems) or deployment is not None
+        self.run_button.tooltip = (deployment or "promote, then deploy and run it on the Airflow "
+                                   "deployment; a card follows the run")
         self.messages.value = "".join(f"<div style='color:#b00'>{html.escape(p)}</div>"
                                       for p in problems)
 
@@ -229,7 +242,8 @@ class PromotionForm:
         if self.errors():
             self._changed()
             return
-        self.button.disabled = True
+        self.button.disabled = self.run_button.disabled = True
+        self.last_result = None
         self.result.value = "<i>Promoting…</i>"
         try:
             settings = {**self.settings(), "dags_dir": self.dags_dir.value.strip()}
@@ -248,6 +262,24 @@ class PromotionForm:
         finally:
             self._changed()
 
+    def promote_and_run(self) -> RunCard | None:
+        """Promote, then add a run card that deploys, runs and follows the DAG in the background
+        (the kernel is never blocked); each click adds a card."""
+        from .airflow_api import load_config
+
+        if self.errors() or _deployment_problem() is not None:
+            self._changed()
+            return None
+        config = load_config()
+        self.promote()
+        if self.last_result is None:  # the result area says why
+            return None
+        card = RunCard(self.last_result.spec.dag_id)
+        self.cards.append(card)
+        self.runs_box.children = [*self.runs_box.children, card.widget]
+        card.start(config, self.last_result.dag_file, self.parameters())
+        return card
+
 
 class PromotionPanel:
     """The dashboard above the form, as one widget."""
@@ -264,6 +296,8 @@ class PromotionPanel:
 
     def close(self) -> None:
         self.dashboard.stop()
+        for card in self.form.cards:
+            card.stop()
 
 
 def _control(row: table.Setting, value: Any) -> w.Widget:
@@ -313,6 +347,17 @@ def _carried_html(nb: Any, notebook: Path, options: Mapping[str, Any], dags_dir:
     if not notes:
         return "<i>carries nothing besides the notebook; imports no third-party package</i>"
     return "<ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>"
+
+
+def _deployment_problem() -> str | None:
+    """Why runs cannot go to a deployment (which settings to make), or None when configured."""
+    from .airflow_api import load_config
+
+    try:
+        load_config()
+    except AirgpuError as exc:
+        return str(exc)
+    return None
 
 
 def _error_html(message: str) -> str:

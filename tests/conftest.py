@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from deployment import configured, deployment  # noqa: F401 (fixtures for the deploy tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

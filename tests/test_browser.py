@@ -164,3 +164,60 @@ def test_one_click_promotion_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
     prepared = nbformat.read(dags / "nightly_train.ipynb", as_version=4)
     assert prepared.metadata["airgpu"]["settings"]["allow_cpu"] is True
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(480)
+def test_promote_and_run_in_jupyterlab_until_the_card_shows_success(configured, lab: Lab,
+                                                                    tmp_path: Path) -> None:
+    """The deployment's settings reach the kernel through the server's environment (`configured`
+    is set up before `lab`)."""
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's Chromium is missing: run `make sysdeps` (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    deployment = configured
+    target = write_notebook(tmp_path / "lab run.ipynb", "print(epochs)", parameters="epochs = 2")
+    write_notebook(lab.root / "run_panel.ipynb", "%load_ext airgpu_nb",
+                   f"%airgpu panel --notebook '{target}' --dags-dir '{deployment.dags}' "
+                   "--allow-cpu --retries 0 --dag-id lab_run")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page.goto(f"{lab.url}/lab/tree/run_panel.ipynb?token={lab.token}")
+            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell."
+                                   "currentWidget && window.jupyterapp.shell.currentWidget."
+                                   "sessionContext", timeout=120_000)
+            page.evaluate("""async () => {
+                const widget = window.jupyterapp.shell.currentWidget;
+                await widget.context.ready;
+                await widget.sessionContext.ready;
+                await widget.sessionContext.session.kernel.info;
+            }""")
+            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext"
+                                   ".session.kernel.connectionStatus === 'connected'",
+                                   timeout=60_000)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            button = page.locator(".airgpu-promote-run-button")
+            button.wait_for(state="visible", timeout=120_000)
+            page.wait_for_function("() => !document.querySelector('.airgpu-promote-run-button')"
+                                   ".disabled", timeout=30_000)
+            button.click()
+            page.wait_for_function(
+                "() => { const s = document.querySelector('.airgpu-run-card .airgpu-run-state');"
+                " return s && /success|failed|error/.test(s.innerText); }", timeout=300_000)
+            card = page.locator(".airgpu-run-card")
+            text = card.inner_text()
+            card.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab-run-card.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab-run-card-failure.png"),
+                            full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert "success" in text, f"{text}\n{deployment.tail('scheduler')}"
+    assert str(deployment.outputs) in text and "telemetry" in text
