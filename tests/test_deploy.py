@@ -40,14 +40,11 @@ def test_promote_deploy_trigger_succeeds_and_typed_params_round_trip(configured,
                                    "nothing = 1")
     _promote(deployment, nb, "deploy_params")
     capsys.readouterr()
-    started = time.monotonic()
     name = "it's \"quoted\" ü\\n"
     code = cli.main(["trigger", "deploy_params", "--dags-dir", str(deployment.dags),
                      "-p", "count", "7", "-p", "ratio", "0.25", "-r", "name", name,
                      "-p", "flag", "True", "-p", "nothing", "None", "--wait", "--json"])
     out, err = capsys.readouterr()
-    with capsys.disabled():
-        print(f"\ntrigger --wait: {time.monotonic() - started:.1f}s\n{err}")
     assert code == 0, (err, deployment.tail("scheduler"))
     result = json.loads(out)
     assert result["state"] == "success" and result["failure"] is None
@@ -119,8 +116,6 @@ def test_a_failing_notebook_exits_1_naming_the_failing_cell_and_the_executed_not
     capsys.readouterr()
     code = cli.main(["trigger", "deploy_fails", "--dags-dir", str(deployment.dags), "--wait"])
     out, err = capsys.readouterr()
-    with capsys.disabled():
-        print(f"\n{out}{err}")
     assert code == 1, (out, err)
     assert "failed: run " in out
     line = err.strip()
@@ -142,9 +137,7 @@ def test_a_quick_repromotion_waits_for_the_new_dag_then_an_import_error_is_one_l
     _promote(deployment, nb, "deploy_import", "-p", "size", "2", "--force")
     capsys.readouterr()
     assert cli.main(["deploy", "deploy_import", "--dags-dir", str(deployment.dags)]) == 0
-    out = capsys.readouterr().out
-    with capsys.disabled():
-        print(f"\n{out}")
+    capsys.readouterr()
     with AirflowClient(load_config()) as client:
         assert client.dag("deploy_import")["params"]["size"]["value"] == 2
     dag_file = deployment.dags / "deploy_import.py"
