@@ -273,11 +273,85 @@ def bench_check_in_kernel(work: Path, env: dict[str, str], reps: int) -> None:
              f"{rss_check:.0f} MiB vs {rss_plain:.0f} MiB")
 
 
+DEPLOY_PHASES = (
+    ("promote", "promote() writes the DAG and notebook"),
+    ("parse wait", "deploy: parse wait, unpause, trigger (start_run)"),
+    ("scheduling", "run created -> task queued to Celery"),
+    ("worker pickup", "queued -> task running on the gpu worker"),
+    ("task start", "task running -> papermill starts"),
+    ("kernel start", "papermill start -> first cell starts"),
+    ("injected cells", "GPU check + parameters cells"),
+)
+
+
+def _utc(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+def bench_deploy(work: Path, reps: int) -> None:
+    """Issue 11: "Promote and run" (promote() + watch.start_run) to the notebook's first user
+    cell executing on the `gpu` worker of a real CeleryExecutor stack (PostgreSQL, Redis: not
+    in the default set), and where the time goes. Each repetition promotes a new DAG."""
+    sys.path.append(str(ROOT / "tests"))
+    from celery_stack import celery_deployment
+
+    from airgpu_nb import keys
+    from airgpu_nb.airflow_api import AirflowClient, load_config
+    from airgpu_nb.promote import promote
+    from airgpu_nb.watch import start_run, watch
+
+    ours = {keys.CHECK_TAG, keys.IDLE_TAG, keys.INJECTED_PARAMETERS_TAG, keys.PARAMETERS_TAG}
+    source = work / "deploy_nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print('first user cell', x)")], metadata={"kernelspec": {
+            "name": "python3", "language": "python", "display_name": "Python 3"}}), source)
+    samples: dict[str, list[float]] = {name: [] for name, _ in DEPLOY_PHASES}
+    totals: list[float] = []
+    with celery_deployment(echo=print) as stack, \
+            AirflowClient(load_config(stack.client_env())) as client:
+        for rep in range(reps):
+            dag_id = f"bench_deploy_{rep}"
+            clicked = time.time()
+            promote(source, dags_dir=stack.dags, dag_id=dag_id, allow_cpu=True,
+                    target="compose").write()
+            promoted = time.time()
+            run = start_run(client, dag_id, {"x": rep}, dag_file=stack.dags / f"{dag_id}.py",
+                            timeout=300)
+            triggered = time.time()
+            result = watch(client, dag_id, str(run["dag_run_id"]), poll=0.5, timeout=300)
+            if not result.ok or not result.executed_notebook:
+                raise SystemExit(f"bench run failed: {result.failure}\n"
+                                 f"{stack.stack.tail('worker-gpu')}")
+            [ti] = [t for t in client.task_instances(dag_id, result.run_id)
+                    if t["task_id"] == "run_notebook"]
+            executed = json.loads(Path(result.executed_notebook).read_text())
+            timed = [c for c in executed["cells"] if c["cell_type"] == "code"
+                     and c["metadata"].get("papermill", {}).get("start_time")]
+            user = next(c for c in timed if not ours & set(keys.cell_tags(c)))
+            marks = [clicked, promoted, triggered, _utc(ti.get("queued_when") or ti["queued_dttm"]),
+                     _utc(ti["start_date"]), _utc(executed["metadata"]["papermill"]["start_time"]),
+                     _utc(timed[0]["metadata"]["papermill"]["start_time"]),
+                     _utc(user["metadata"]["papermill"]["start_time"])]
+            for (name, _), start, end in zip(DEPLOY_PHASES, marks, marks[1:], strict=False):
+                samples[name].append(end - start)
+            totals.append(marks[-1] - clicked)
+            print(f"    run {rep + 1}: {totals[-1]:.1f} s "
+                  + " ".join(f"{n}={v[-1]:.1f}" for n, v in samples.items()), flush=True)
+    line('"Promote and run" to the first user cell on the Celery gpu worker',
+         f"{statistics.median(totals):.1f} s",
+         f"goal <= 15 s ({min(totals):.1f}-{max(totals):.1f})")
+    for name, what in DEPLOY_PHASES:
+        line(f"  {name}: {what}", f"{statistics.median(samples[name]):.2f} s", "median")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of slow benchmarks")
     parser.add_argument("--only", help="comma-separated: promotion,bundle,import,e2e,check,kernel,"
-                        "extra")
+                        "extra, and deploy (needs PostgreSQL and Redis: never in the default set)")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     print(f"airgpu-nb benchmarks on {platform.node()}: {os.cpu_count()} cores, "
@@ -303,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, step in steps.items():
             if only is None or name in only:
                 step()
+        if only is not None and "deploy" in only:
+            bench_deploy(work, args.reps)
         if only is None or "extra" in only:
             for module in sorted(p.stem for p in (ROOT / "bench").glob("bench_*.py")):
                 importlib.import_module(module).main()
