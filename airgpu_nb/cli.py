@@ -254,24 +254,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_trigger(args: argparse.Namespace) -> int:
     from .airflow_api import AirflowClient, load_config
-    from .deploy import DEFAULT_PARSE_TIMEOUT_S, dag_file_for
-    from .watch import raise_for, render_result, start_run
-    from .watch import watch as watch_run
+    from .watch import raise_for, render_result, start_and_follow
 
-    echo = _progress(args)
-    dag_file = dag_file_for(args.dag_id, args.dags_dir)
     with AirflowClient(load_config()) as client:
-        run = start_run(client, args.dag_id, dict(args.parameters or {}), dag_file=dag_file,
-                        timeout=args.timeout or DEFAULT_PARSE_TIMEOUT_S, run_id=args.run_id,
-                        echo=echo)
-        run_id = str(run["dag_run_id"])
-        if not args.wait:  # the echo said "triggered RUN_ID: URL"
+        run, result = start_and_follow(client, args.dag_id, dict(args.parameters or {}),
+                                       dags_dir=args.dags_dir, timeout=args.timeout,
+                                       run_id=args.run_id, wait=args.wait,
+                                       echo=_progress(args))
+        if result is None:  # the echo said "triggered RUN_ID: URL"
             if args.json:
+                run_id = str(run["dag_run_id"])
                 print(json.dumps({"dag_id": args.dag_id, "run_id": run_id,
                                   "state": run.get("state"),
                                   "url": client.ui_url(args.dag_id, run_id)}, sort_keys=True))
             return 0
-        result = watch_run(client, args.dag_id, run_id, echo=echo)
     if args.json:
         print(json.dumps(result.as_dict(), sort_keys=True, default=str))
     else:

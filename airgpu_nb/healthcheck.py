@@ -297,25 +297,8 @@ def build_registry(labels: dict[str, str], sampler: Any, outcome: dict[str, Any]
 
 
 def push(registry: Any, labels: dict[str, str], url: str) -> bool:
-    """Push to a Pushgateway grouped by DAG and task (each slot keeps its latest check), as
-    :func:`airgpu_nb.metrics.push` does for runs. A failure is a warning."""
-    from prometheus_client import push_to_gateway
-    from prometheus_client.exposition import basic_auth_handler, default_handler
+    """Push to a Pushgateway grouped by DAG and task (each slot keeps its latest check), the
+    way runs push theirs. A failure is a warning."""
+    from .metrics import push_registry
 
-    from .metrics import PUSH_JOB, PUSH_TIMEOUT_S
-    from .urls import credentials, redact_url, scrub, split_secrets
-
-    login = credentials(url)
-    handler = default_handler
-    if login is not None:
-        def handler(**request: Any) -> Any:
-            return basic_auth_handler(**request, username=login[0], password=login[1])
-    try:
-        push_to_gateway(split_secrets(url).bare, job=PUSH_JOB, registry=registry,
-                        grouping_key={"dag": labels["dag"], "task": labels["task"]},
-                        timeout=PUSH_TIMEOUT_S, handler=handler)
-    except Exception as exc:
-        log.warning("airgpu: could not push health metrics to the Pushgateway at %s: %s",
-                    redact_url(url), scrub(f"{type(exc).__name__}: {exc}", url))
-        return False
-    return True
+    return push_registry(registry, labels, url, what="health metrics")

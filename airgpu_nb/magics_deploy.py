@@ -34,20 +34,16 @@ def add_parsers(sub: Any) -> None:
 
 def trigger(args: argparse.Namespace) -> None:
     from .airflow_api import AirflowClient, load_config
-    from .deploy import DEFAULT_PARSE_TIMEOUT_S, dag_file_for
-    from .watch import raise_for, render_result, start_run
-    from .watch import watch as watch_run
+    from .watch import raise_for, render_result, start_and_follow
 
-    dag_file = dag_file_for(args.dag_id, args.dags_dir)
     with AirflowClient(load_config()) as client:
-        run = start_run(client, args.dag_id, dict(args.parameters or {}), dag_file=dag_file,
-                        timeout=args.timeout or DEFAULT_PARSE_TIMEOUT_S, run_id=args.run_id,
-                        echo=_say)
+        run, result = start_and_follow(client, args.dag_id, dict(args.parameters or {}),
+                                       dags_dir=args.dags_dir, timeout=args.timeout,
+                                       run_id=args.run_id, wait=args.wait, echo=_say)
         run_id = str(run["dag_run_id"])
-        if not args.wait:
+        if result is None:
             display(_link(client.ui_url(args.dag_id, run_id), f"run {run_id}"), raw=True)
             return
-        result = watch_run(client, args.dag_id, run_id, echo=_say)
     for line in render_result(result):
         print(line)
     display(_link(result.url, f"run {run_id} ({result.state})"), raw=True)

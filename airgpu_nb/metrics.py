@@ -128,8 +128,15 @@ def write_textfile(telemetry: Mapping[str, Any], path: str | os.PathLike[str],
 
 
 def push(telemetry: Mapping[str, Any], labels: Mapping[str, str], url: str) -> bool:
-    """Push to a Pushgateway, grouped by DAG and task so the gateway keeps each task's latest
-    run rather than one group per run forever. A failure is a warning, never a failed task.
+    """Push the run's metrics to a Pushgateway (see :func:`push_registry`)."""
+    return push_registry(build_registry(telemetry, labels), labels, url)
+
+
+def push_registry(registry: Any, labels: Mapping[str, str], url: str,
+                  what: str = "metrics") -> bool:
+    """Push ``registry`` to a Pushgateway, grouped by DAG and task so the gateway keeps each
+    task's latest result rather than one group per run forever. A failure is a warning, never
+    a failed task.
 
     ``user:password@`` in ``url`` becomes HTTP basic auth; the URL is logged without it.
     """
@@ -145,11 +152,10 @@ def push(telemetry: Mapping[str, Any], labels: Mapping[str, str], url: str) -> b
         def handler(**request: Any) -> Any:
             return basic_auth_handler(**request, username=login[0], password=login[1])
     try:
-        push_to_gateway(split_secrets(url).bare, job=PUSH_JOB,
-                        registry=build_registry(telemetry, labels), grouping_key=grouping,
-                        timeout=PUSH_TIMEOUT_S, handler=handler)
+        push_to_gateway(split_secrets(url).bare, job=PUSH_JOB, registry=registry,
+                        grouping_key=grouping, timeout=PUSH_TIMEOUT_S, handler=handler)
     except Exception as exc:
-        log.warning("airgpu: could not push metrics to the Pushgateway at %s: %s",
+        log.warning("airgpu: could not push %s to the Pushgateway at %s: %s", what,
                     redact_url(url), scrub(f"{type(exc).__name__}: {exc}", url))
         return False
     return True

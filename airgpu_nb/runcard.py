@@ -88,14 +88,13 @@ class RunCard:
     # -- the background thread: values only ---------------------------------------------------
 
     def _work(self, config: AirflowConfig, dag_file: Path, params: dict[str, Any]) -> None:
-        from .deploy import DEFAULT_PARSE_TIMEOUT_S
         from .watch import start_run
 
         try:
             with AirflowClient(config) as client:
                 self._set_state("deploying")
                 run = start_run(client, self.dag_id, params, dag_file=dag_file,
-                                timeout=DEFAULT_PARSE_TIMEOUT_S, echo=self._echo)
+                                echo=self._echo)
                 self.run_id = str(run["dag_run_id"])
                 url = client.ui_url(self.dag_id, self.run_id)
                 self.link.value = (f"run <a href='{html.escape(url, quote=True)}' "

@@ -107,6 +107,23 @@ def start_run(client: AirflowClient, dag_id: str, params: Mapping[str, Any] | No
     return run
 
 
+def start_and_follow(client: AirflowClient, dag_id: str, params: Mapping[str, Any] | None, *,
+                     dags_dir: str | os.PathLike[str] | None = None,
+                     timeout: float | None = None, run_id: str | None = None,
+                     wait: bool = False, echo: Echo | None = None
+                     ) -> tuple[dict[str, Any], RunResult | None]:
+    """`airgpu trigger` and `%airgpu trigger`: :func:`start_run` for ``DAGS_DIR/<dag_id>.py``,
+    then, with ``wait``, :func:`watch` the run. The run as the API answered, and how it ended
+    (None without ``wait``)."""
+    from .deploy import dag_file_for
+
+    run = start_run(client, dag_id, params, dag_file=dag_file_for(dag_id, dags_dir),
+                    timeout=timeout or DEFAULT_PARSE_TIMEOUT_S, run_id=run_id, echo=echo)
+    if not wait:
+        return run, None
+    return run, watch(client, dag_id, str(run["dag_run_id"]), echo=echo)
+
+
 def watch(client: AirflowClient, dag_id: str, run_id: str, *, poll: float = 1.0,
           timeout: float | None = None, echo: Echo | None = None) -> RunResult:
     """Follow a run until it ends; one line per change of the run's or a task's state."""
