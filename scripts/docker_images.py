@@ -35,14 +35,25 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 LOCAL_TF = "tensorflow-cpu==2.21.0"
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 
-# name -> (Dockerfile, tag, official base, local base, TF_REQUIREMENT on the local base)
+AIRFLOW = f"airgpu-nb-airflow:{VERSION}"
+
+# name -> (Dockerfile, tag, official base, local base, TF_REQUIREMENT on the local base).
+# On the local base the GPU worker is the Airflow image plus TensorFlow: the same Airflow as the
+# rest of the stack, and one Airflow install to build instead of two.
 IMAGES: dict[str, tuple[str, str, str, str, str | None]] = {
     "runtime": ("Dockerfile.runtime", f"airgpu-nb-runtime:{VERSION}",
                 "tensorflow/tensorflow:2.21.0-gpu", BASE_PYTHON, LOCAL_TF),
-    "airflow": ("Dockerfile.airflow", f"airgpu-nb-airflow:{VERSION}",
+    "airflow": ("Dockerfile.airflow", AIRFLOW,
                 "apache/airflow:3.3.2-python3.11", BASE_AIRFLOW, None),
     "gpu-worker": ("Dockerfile.gpu-worker", f"airgpu-nb-gpu-worker:{VERSION}",
-                   "apache/airflow:3.3.2-python3.11", BASE_AIRFLOW, LOCAL_TF),
+                   "apache/airflow:3.3.2-python3.11", AIRFLOW, LOCAL_TF),
+}
+# Test-only stand-ins for the official postgres and redis images (tests/compose/compose.test.yml):
+# name -> (Dockerfile under the repository root, --target, tag).
+SERVICES: dict[str, tuple[str, str, str]] = {
+    "postgres": ("tests/compose/Dockerfile.services", "postgres",
+                 "airgpu-nb-test-postgres:bookworm"),
+    "redis": ("tests/compose/Dockerfile.services", "redis", "airgpu-nb-test-redis:bookworm"),
 }
 
 
@@ -110,8 +121,10 @@ def build_debian(cli: str, rebuild: bool = False) -> None:
 
 def build(cli: str, dockerfile: str, tag: str, args: dict[str, str],
           target: str | None = None, ca: str | None = None) -> float:
-    """One `docker build` from the repository root; returns its seconds."""
-    command = [cli, "build", "--file", str(DOCKER_DIR / dockerfile), "--tag", tag]
+    """One `docker build` from the repository root (`dockerfile` relative to docker/, or to the
+    root when it has a folder); returns its seconds."""
+    path = ROOT / dockerfile if "/" in dockerfile else DOCKER_DIR / dockerfile
+    command = [cli, "build", "--file", str(path), "--tag", tag]
     if ca:
         command += ["--secret", f"id=pip_ca,src={ca}"]
     for key, value in args.items():
@@ -140,13 +153,18 @@ def build_images(names: Sequence[str], local_base: str = "auto",
     ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
     ca = ca if ca and Path(ca).is_file() else None
     times: dict[str, float] = {}
+    done: set[str] = set()
     for name in names:
         dockerfile, tag, official, local, local_tf = IMAGES[name]
         use_local = local_base == "yes" or (local_base == "auto"
                                             and not can_use_official(cli, official))
         args: dict[str, str] = {}
         if use_local:
-            if not image_exists(cli, local):
+            if local == AIRFLOW:
+                if "airflow" not in done and ("airflow" in names or not image_exists(cli, local)):
+                    times.update(build_images(["airflow"], local_base, ca))
+                    done.add("airflow")
+            elif not image_exists(cli, local):
                 build_debian(cli)
                 times[local] = build(cli, "Dockerfile.base", local,
                                      {"DEBIAN_IMAGE": DEBIAN_IMAGE},
@@ -155,8 +173,20 @@ def build_images(names: Sequence[str], local_base: str = "auto",
             if local_tf:
                 args["TF_REQUIREMENT"] = local_tf
             say(f"{tag}: on the local base {local} (official {official} not available)")
-        times[tag] = build(cli, dockerfile, tag, args, ca=ca)
+        if name not in done:
+            times[tag] = build(cli, dockerfile, tag, args, ca=ca)
+            done.add(name)
     return times
+
+
+def build_services(ca: str | None = None) -> dict[str, float]:
+    """The test stack's PostgreSQL and Redis stand-ins, on the local Debian base."""
+    cli = docker_client()
+    ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
+    build_debian(cli)
+    return {tag: build(cli, dockerfile, tag, {"DEBIAN_IMAGE": DEBIAN_IMAGE}, target=target,
+                       ca=ca if ca and Path(ca).is_file() else None)
+            for dockerfile, target, tag in SERVICES.values()}
 
 
 def _ok(command: Sequence[str], timeout: float = 60) -> bool:

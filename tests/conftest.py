@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from deployment import configured, deployment  # noqa: F401 (fixtures for the deploy tests)
+from docker_daemon import docker_daemon  # noqa: F401 (the engine tests' daemon)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

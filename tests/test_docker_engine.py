@@ -15,19 +15,18 @@ about 15 s, the image inspection about 15 s.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
+from docker_daemon import build_images
+from docker_daemon import docker as _docker
 
 from airgpu_nb import cli
 from airgpu_nb.findings import first_error, gpu_report
@@ -36,67 +35,13 @@ from conftest import ROOT, write_notebook
 pytestmark = pytest.mark.docker
 
 RUNTIME = "airgpu-nb-runtime:0.1.0"
-PIDFILE = Path("/var/run/airgpu-nb-dockerd.pid")
 NOTE = 'say "hi" \'there\'\nto ünïcode ✓ 日本 {{ x }} {% if 1 %}x{% endif %} {# c #}'
-
-
-def _docker(*args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {result.stderr.strip()}")
-    return result
-
-
-def _answers() -> bool:
-    try:
-        return _docker("info", "--format", "{{.ServerVersion}}", check=False,
-                       timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@pytest.fixture(scope="session")
-def docker_daemon() -> Iterator[None]:
-    """A daemon that answers: the one running, or `dockerd` started here and stopped after."""
-    if shutil.which("docker") is None or shutil.which("dockerd") is None:
-        pytest.skip("no Docker engine here: `make sysdeps` installs docker.io")
-    if _answers():
-        yield
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no Docker daemon answers and starting dockerd needs root")
-    log = open("/var/log/airgpu-nb-dockerd.log", "ab")  # noqa: SIM115 - lives with the daemon
-    daemon = subprocess.Popen(["dockerd", "--pidfile", str(PIDFILE)], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("dockerd did not start: see /var/log/airgpu-nb-dockerd.log")
-            time.sleep(0.5)
-        yield
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="session")
 def runtime_image(docker_daemon) -> str:
     """Built once per session; the layers stay cached between sessions."""
-    spec = importlib.util.spec_from_file_location("docker_images",
-                                                  ROOT / "scripts" / "docker_images.py")
-    assert spec is not None and spec.loader is not None
-    images = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(images)
-    try:
-        images.build_images(["runtime"])
-    except images.BuildError as exc:
-        pytest.fail(f"building {RUNTIME}: {exc}")
+    build_images(["runtime"])
     return RUNTIME
 
 
