@@ -51,7 +51,7 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 test: venv sysdeps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not e2e and not browser and not celery and not docker"
