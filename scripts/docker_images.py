@@ -183,20 +183,22 @@ def build_images(names: Sequence[str], local_base: str = "auto",
     if not daemon_answers(cli):
         raise BuildError("no Docker daemon answers: start dockerd (`sudo dockerd &` or "
                          "`sudo systemctl start docker`)")
-    ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
-    ca = ca if ca and Path(ca).is_file() else None
+    ca = build_ca(ca)
     times: dict[str, float] = {}
-    done: set[str] = set()
-    for name in names:
+
+    def build_one(name: str) -> None:
         dockerfile, tag, official, local, local_tf = IMAGES[name]
-        use_local = local_base == "yes" or (local_base == "auto"
-                                            and not can_use_official(cli, official))
+        if tag in times:
+            return
         args: dict[str, str] = {}
-        if use_local:
-            if local == AIRFLOW:
-                if "airflow" not in done and ("airflow" in names or not image_exists(cli, local)):
-                    times.update(build_images(["airflow"], local_base, ca))
-                    done.add("airflow")
+        if local_base == "yes" or (local_base == "auto"
+                                   and not can_use_official(cli, official)):
+            # The local base is another of these images (the GPU worker's is the Airflow
+            # image): built first when asked for too, or when it is missing.
+            other = next((n for n, spec in IMAGES.items() if spec[1] == local), None)
+            if other is not None:
+                if other in names or not image_exists(cli, local):
+                    build_one(other)
             elif local not in times:  # always: the layer cache makes an unchanged base instant
                 build_debian(cli)
                 times[local] = build(cli, "Dockerfile.base", local,
@@ -206,20 +208,28 @@ def build_images(names: Sequence[str], local_base: str = "auto",
             if local_tf:
                 args["TF_REQUIREMENT"] = local_tf
             say(f"{tag}: on the local base {local} (official {official} not available)")
-        if name not in done:
-            times[tag] = build(cli, dockerfile, tag, args, ca=ca)
-            done.add(name)
+        times[tag] = build(cli, dockerfile, tag, args, ca=ca)
+
+    for name in names:
+        build_one(name)
     return times
 
 
 def build_services(ca: str | None = None) -> dict[str, float]:
     """The test stack's PostgreSQL and Redis stand-ins, on the local Debian base."""
     cli = docker_client()
-    ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
+    ca = build_ca(ca)
     build_debian(cli)
     return {tag: build(cli, dockerfile, tag, {"DEBIAN_IMAGE": DEBIAN_IMAGE}, target=target,
-                       ca=ca if ca and Path(ca).is_file() else None)
+                       ca=ca)
             for dockerfile, target, tag in SERVICES.values()}
+
+
+def build_ca(ca: str | None = None) -> str | None:
+    """The CA bundle pip gets as the `pip_ca` secret: `ca`, else $AIRGPU_BUILD_CA, else the
+    host's bundle; None when that file does not exist."""
+    ca = ca if ca is not None else os.environ.get("AIRGPU_BUILD_CA", HOST_CA)
+    return ca if ca and Path(ca).is_file() else None
 
 
 def _ok(command: Sequence[str], timeout: float = 60) -> bool:

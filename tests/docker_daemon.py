@@ -31,22 +31,14 @@ def docker(*args: str, check: bool = True, timeout: int = 120) -> subprocess.Com
     return result
 
 
-def answers() -> bool:
-    try:
-        return docker("info", "--format", "{{.ServerVersion}}", check=False,
-                      timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="session")
 def docker_daemon() -> Iterator[None]:
     """A daemon that answers: the one running, or `dockerd` started here and stopped after."""
     if shutil.which("docker") is None or shutil.which("dockerd") is None:
         pytest.skip("no Docker engine here: `make sysdeps` installs docker.io")
-    if not answers() and os.geteuid() != 0:
-        pytest.skip("no Docker daemon answers and starting dockerd needs root")
     images = image_builder()
+    if not images.daemon_answers() and os.geteuid() != 0:
+        pytest.skip("no Docker daemon answers and starting dockerd needs root")
     with images.running_daemon(DAEMON_LOG, PIDFILE):
         yield
 
