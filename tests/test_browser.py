@@ -7,7 +7,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from celery_stack import free_port
 
 from conftest import ROOT, write_notebook
 
@@ -29,12 +29,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync", "--disable-dev-shm-usage"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Lab:
     def __init__(self, url: str, token: str, root: Path, log: Path) -> None:
         self.url, self.token, self.root, self.log = url, token, root, log
@@ -45,7 +39,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     """JupyterLab from the project's venv on 127.0.0.1 with a token and throwaway config."""
     root = tmp_path / "root"
     root.mkdir()
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = {**os.environ,
            "JUPYTER_CONFIG_DIR": str(tmp_path / "jconfig"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jruntime"),
@@ -98,6 +92,27 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def open_and_run_all(page, lab: Lab, notebook: str) -> str:
+    """Open a notebook of the lab's root, wait until its kernel really executes code (the
+    session context says so, not the indicator) and run all cells; the kernel's name."""
+    page.goto(f"{lab.url}/lab/tree/{notebook}?token={lab.token}")
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell."
+                           "currentWidget && window.jupyterapp.shell.currentWidget."
+                           "sessionContext", timeout=120_000)
+    name = page.evaluate("""async () => {
+        const widget = window.jupyterapp.shell.currentWidget;
+        await widget.context.ready;
+        await widget.sessionContext.ready;
+        const kernel = widget.sessionContext.session.kernel;
+        await kernel.info;  // the kernel answered kernel_info: it executes code now
+        return kernel.name;
+    }""")
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext"
+                           ".session.kernel.connectionStatus === 'connected'", timeout=60_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return name
+
+
 def test_one_click_promotion_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.fail("Debian's Chromium is missing: run `make sysdeps` (apt-get install chromium)")
@@ -119,24 +134,7 @@ def test_one_click_promotion_in_jupyterlab(lab: Lab, tmp_path: Path) -> None:
                                      args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"{lab.url}/lab/tree/panel.ipynb?token={lab.token}")
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell."
-                                   "currentWidget && window.jupyterapp.shell.currentWidget."
-                                   "sessionContext", timeout=120_000)
-            # The kernel is really ready when the session context says so, not the indicator.
-            name = page.evaluate("""async () => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                await widget.context.ready;
-                await widget.sessionContext.ready;
-                const kernel = widget.sessionContext.session.kernel;
-                await kernel.info;  // the kernel answered kernel_info: it executes code now
-                return kernel.name;
-            }""")
-            assert name == "python3"
-            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext"
-                                   ".session.kernel.connectionStatus === 'connected'",
-                                   timeout=60_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            assert open_and_run_all(page, lab, "panel.ipynb") == "python3"
             button = page.locator(".airgpu-promote-button")
             button.wait_for(state="visible", timeout=120_000)
             assert page.locator(".airgpu-gpu-dashboard").is_visible()
@@ -187,20 +185,7 @@ def test_promote_and_run_in_jupyterlab_until_the_card_shows_success(configured, 
                                      args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1600})
-            page.goto(f"{lab.url}/lab/tree/run_panel.ipynb?token={lab.token}")
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell."
-                                   "currentWidget && window.jupyterapp.shell.currentWidget."
-                                   "sessionContext", timeout=120_000)
-            page.evaluate("""async () => {
-                const widget = window.jupyterapp.shell.currentWidget;
-                await widget.context.ready;
-                await widget.sessionContext.ready;
-                await widget.sessionContext.session.kernel.info;
-            }""")
-            page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext"
-                                   ".session.kernel.connectionStatus === 'connected'",
-                                   timeout=60_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            open_and_run_all(page, lab, "run_panel.ipynb")
             button = page.locator(".airgpu-promote-run-button")
             button.wait_for(state="visible", timeout=120_000)
             page.wait_for_function("() => !document.querySelector('.airgpu-promote-run-button')"

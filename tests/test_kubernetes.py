@@ -193,7 +193,8 @@ def _arg(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize(("args", "message"), [
+# (args, message) that `--target kubernetes` refuses; the executor's are further down.
+POD_REFUSALS = [
     (["--device-id", "0"], "does not take --device-id"),
     (["--gpus", "all"], "--gpus all has no meaning for a pod"),
     (["--mig", "1g.10gb", "--gpu-sharing", "shared"], "choose one"),
@@ -212,16 +213,7 @@ def _arg(args: list[str], name: str) -> str:
     (["--outputs-url", "ftp://x/y"], "--outputs-url must be an object-store URL"),
     (["--outputs-url", "s3://b/p", "--outputs-volume", "pvc"], "not both"),
     (["--image", "bad image"], "invalid image reference"),
-])
-def test_wrong_kubernetes_settings_are_one_line_errors_and_write_nothing(
-        tmp_path, capsys, args, message):
-    nb = write_notebook(tmp_path / "nb.ipynb", "x = 1")
-    dags = tmp_path / "dags"
-    rc = cli.main(["promote", str(nb), "--target", "kubernetes", "--dags-dir", str(dags), *args])
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert err.count("\n") == 1 and message in err, err
-    assert not dags.exists()
+]
 
 
 # -- KubernetesExecutor: the worker pod the provider builds from our pod_override ----------------
@@ -491,7 +483,8 @@ def test_executor_pod_override_reads_back_as_a_v1pod_in_every_way_airflow_reads_
         assert isinstance(seen, k8s.V1Pod) and seen.spec.containers[0].name == "base"
 
 
-@pytest.mark.parametrize(("args", "message"), [
+# (args, message) that `--target kubernetes-executor` refuses.
+EXECUTOR_REFUSALS = [
     (["--namespace", "ml"], "does not take --namespace"),
     (["--outputs-url", "s3://b/p"], "does not take --outputs-url"),
     (["--notebooks-volume", "dags"], "does not take --notebooks-volume"),
@@ -500,12 +493,17 @@ def test_executor_pod_override_reads_back_as_a_v1pod_in_every_way_airflow_reads_
     (["--priority-class", "High Priority"], "not a valid Kubernetes name"),
     (["--user", "50000:0"], "would run as root"),
     (["--toleration", "dedicated=gpu"], "--toleration takes KEY[=VALUE]:EFFECT"),
-])
-def test_wrong_kubernetes_executor_settings_are_one_line_errors(tmp_path, capsys, args, message):
+]
+
+
+@pytest.mark.parametrize(("target", "args", "message"),
+                         [("kubernetes", *case) for case in POD_REFUSALS]
+                         + [("kubernetes-executor", *case) for case in EXECUTOR_REFUSALS])
+def test_wrong_pod_settings_are_one_line_errors_and_write_nothing(tmp_path, capsys, target, args,
+                                                                  message):
     nb = write_notebook(tmp_path / "nb.ipynb", "x = 1")
     dags = tmp_path / "dags"
-    rc = cli.main(["promote", str(nb), "--target", "kubernetes-executor", "--dags-dir",
-                   str(dags), *args])
+    rc = cli.main(["promote", str(nb), "--target", target, "--dags-dir", str(dags), *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     assert not dags.exists()
